@@ -1,0 +1,108 @@
+"""The method interface: what the streaming engine asks of a pruning method.
+
+A method is a frozen config dataclass + pure numeric functions + one thin class
+implementing :class:`Method`. It never touches files, hooks or devices: the engine feeds
+it activations through :class:`Observer` objects and hands it the layer's weights.
+
+Engine flow per layer ``i`` (see ``streamprune/engine.py``)::
+
+    obs = method.observer(i, "A", weights)        # None = no statistics needed
+    run the dense layer over X_i, feeding obs.update(tap, x_in, y_out)
+    decision = method.decide(i, weights, obs)
+    if method.needs_pass_b:                       # e.g. stats after attention is pruned
+        obs = method.observer(i, "B", decision.tensors)
+        run the pruned layer over X_i, feeding obs
+        decision = method.refine(i, decision, obs)
+    X_{i+1} = pruned layer over X_i
+
+Taps (``Observer.taps``) name modules; the engine resolves them on the dense layer
+(transformers class) and on the pruned layer alike. Names: ``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``mlp``, ``layer``.
+For each tap and chunk the observer gets ``(x_in, y_out)`` flattened to
+(tokens, features), in the activation dtype; it accumulates in fp32.
+
+Weights (``weights`` argument) are the layer's tensors named relative to
+``model.layers.{i}.`` in the *pruned-model* naming of :mod:`streamprune.spec` (for a
+dense source layer that is the usual ``self_attn.q_proj.weight`` etc.), on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..shapes import ModelShapes
+from ..spec import LayerSpec
+
+
+class Observer(Protocol):
+    taps: frozenset[str]
+
+    def update(self, tap: str, x_in: torch.Tensor, y_out: torch.Tensor) -> None: ...
+
+
+@dataclass
+class Decision:
+    """A pruned layer: its spec and its tensors (names relative to ``model.layers.{i}.``)."""
+
+    spec: LayerSpec
+    tensors: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)  # small JSON-able facts for the journal/report
+
+    def validate(self, layer_idx: int) -> None:
+        expected = self.spec.tensor_shapes()
+        got = {k: tuple(v.shape) for k, v in self.tensors.items()}
+        if got != expected:
+            missing = sorted(set(expected) - set(got))
+            extra = sorted(set(got) - set(expected))
+            wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+            raise AssertionError(
+                f"layer {layer_idx}: decision tensors disagree with spec: missing {missing}, "
+                f"extra {extra}, wrong shapes {[(k, got[k], expected[k]) for k in wrong]}"
+            )
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement ``plan`` and ``decide``."""
+
+    name: str = ""
+    needs_survey: bool = False
+    needs_pass_b: bool = False
+
+    def __init__(self, config, ratio: float):
+        self.config = config
+        self.ratio = ratio
+
+    # ---- whole-model decisions from shapes (and survey results) ---------------------
+    def plan(self, shapes: ModelShapes, survey: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """Turn ``ratio`` into per-layer knobs. Raise ``RatioError`` if unreachable."""
+        raise NotImplementedError
+
+    def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
+        """The layer specs the plan will produce, from shapes alone (after ``plan``)."""
+        raise NotImplementedError
+
+    # ---- survey pass over the dense model (only if ``needs_survey``) ----------------
+    def survey_observer(self, layer_idx: int, weights: dict[str, torch.Tensor]) -> Observer | None:
+        return None
+
+    def survey_result(self, layer_idx: int, observer: Observer | None) -> dict[str, torch.Tensor]:
+        """A few numbers for layer ``layer_idx`` (stored in the run journal)."""
+        return {}
+
+    # ---- per-layer ---------------------------------------------------------------------
+    def observer(self, layer_idx: int, pass_name: str, weights: dict[str, torch.Tensor]) -> Observer | None:
+        return None
+
+    def decide(self, layer_idx: int, weights: dict[str, torch.Tensor], observer: Observer | None) -> Decision:
+        raise NotImplementedError
+
+    def refine(self, layer_idx: int, decision: Decision, observer: Observer | None) -> Decision:
+        return decision
+
+    def config_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"method": self.name, "ratio": self.ratio, **asdict(self.config)}
