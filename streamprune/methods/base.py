@@ -11,7 +11,9 @@ Engine flow per layer ``i`` (see ``streamprune/engine.py``)::
     decision = method.decide(i, weights, obs)
     if method.needs_pass_b:                       # e.g. stats after attention is pruned
         obs = method.observer(i, "B", decision.tensors)
-        run the pruned layer over X_i, feeding obs
+        if obs is not None:                       # None: nothing to collect on this layer
+            run the layer named by method.pass_b_layer over X_i, feeding obs:
+              "pruned" -> the decision's layer; "dense" -> the dense source layer again
         decision = method.refine(i, decision, obs)
     X_{i+1} = pruned layer over X_i
 
@@ -70,6 +72,10 @@ class Method:
     name: str = ""
     needs_survey: bool = False
     needs_pass_b: bool = False
+    # Which layer pass B runs: "pruned" (the decision's layer) or "dense" (the source layer
+    # again, exactly as in pass A; Olica's Linear Calibration fits the *dense* layer's MLP
+    # input and needs the dense FFN's intermediate activations next to it).
+    pass_b_layer: str = "pruned"
 
     def __init__(self, config, ratio: float):
         self.config = config

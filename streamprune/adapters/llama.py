@@ -1,0 +1,195 @@
+"""Adapter for the Llama family: Llama 1/2/3, Mistral, Qwen2 (q/k/v bias), SmolLM2.
+
+The only module that spells checkpoint paths such as ``model.layers.{i}.self_attn.q_proj``.
+A dense layer is the ``transformers`` decoder-layer class itself, built on the meta
+device and materialised with ``load_state_dict(assign=True)``: rotary embeddings, GQA
+and the attention kernel come from transformers. A pruned layer (from a streamprune
+output folder) is the ``StreamPruneDecoderLayer`` of our modeling file.
+
+To add an architecture with the same block structure: add its ``model_type`` to
+``LAYER_CLASSES`` below. A different block structure needs its own adapter file and a
+line in ``streamprune/adapters/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from ..checkpoint import CheckpointReader
+from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..modeling import modeling_streamprune as sp
+from ..shapes import ModelShapes
+from ..spec import LayerSpec
+
+# model_type -> (transformers module, decoder-layer class, rotary class)
+LAYER_CLASSES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
+}
+SUPPORTED = sorted(LAYER_CLASSES) + ["streamprune (a streamprune output)"]
+
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+HEAD = "lm_head.weight"
+
+# Observer tap name -> module path inside a decoder layer (dense and pruned alike).
+TAPS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+    "mlp": "mlp",
+    "layer": "",
+}
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer with the engine's calling convention: ``(hidden, (cos, sin)) -> hidden``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def tap(self, name: str) -> nn.Module:
+        return self.inner.get_submodule(TAPS[name])
+
+
+class LlamaFamilyAdapter:
+    """Reads and builds layers of a dense Llama-family checkpoint (or a streamprune output)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        model_type = reader.config_dict["model_type"]
+        if model_type not in LAYER_CLASSES and model_type != "streamprune":
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
+            )
+        self.model_type = model_type
+        self.config = self._load_config()
+        self.pruned = model_type == "streamprune"
+        if self.pruned:
+            self.specs = [LayerSpec.from_dict(d) for d in self.config.layer_specs]
+        else:
+            self._check_supported_options()
+            self.specs = [self.shapes().dense_spec()] * self.config.num_hidden_layers
+
+    def _load_config(self) -> PretrainedConfig:
+        if self.model_type == "streamprune":
+            cfg = sp.StreamPruneConfig.from_pretrained(self.reader.folder)
+        else:
+            try:
+                cfg = AutoConfig.from_pretrained(self.reader.folder, trust_remote_code=False)
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointError(f"{self.reader.folder}/config.json cannot be parsed by transformers ({e})") from e
+        cfg._attn_implementation = "sdpa"  # attention_mask=None + sdpa => causal, no mask tensor
+        return cfg
+
+    def _check_supported_options(self) -> None:
+        cfg = self.config
+        if getattr(cfg, "mlp_bias", False):
+            raise UnsupportedArchitectureError("mlp_bias=True (biased gate/up/down) is not supported by the Llama adapter")
+
+    # ---- shapes -----------------------------------------------------------------------
+    def shapes(self) -> ModelShapes:
+        c = self.config
+        heads = c.num_attention_heads
+        qkv_bias = self.model_type == "qwen2" or bool(getattr(c, "attention_bias", False))
+        return ModelShapes(
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            vocab_size=c.vocab_size,
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=self.model_type != "qwen2" and bool(getattr(c, "attention_bias", False)),
+            max_position_embeddings=getattr(c, "max_position_embeddings", 2048),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False)) or not self.reader.has(HEAD)
+
+    # ---- reading ----------------------------------------------------------------------
+    def layer_prefix(self, i: int) -> str:
+        return f"model.layers.{i}."
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors, named relative to ``model.layers.{i}.``."""
+        prefix = self.layer_prefix(i)
+        names = self.reader.names_with_prefix(prefix)
+        if not names:
+            raise CheckpointError(f"no tensors for layer {i} ({prefix}*) in {self.reader.folder}")
+        return {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+
+    def read_outer(self) -> dict[str, torch.Tensor]:
+        """Embedding, final norm and (if untied) lm_head."""
+        names = [EMBED, NORM] + ([] if self.tied else [HEAD])
+        return self.reader.read(names)
+
+    # ---- building ---------------------------------------------------------------------
+    def skeleton(self, i: int) -> nn.Module:
+        """Layer i on the meta device (no memory)."""
+        with torch.device("meta"):
+            if self.pruned:
+                return sp.StreamPruneDecoderLayer(self.config, self.specs[i].to_dict(), i)
+            module_name, cls_name, _ = LAYER_CLASSES[self.model_type]
+            cls = getattr(importlib.import_module(module_name), cls_name)
+            return cls(self.config, layer_idx=i)
+
+    def build_layer(self, i: int, tensors: dict[str, torch.Tensor], device, dtype) -> DecoderLayer:
+        """Materialise layer i from its tensors on ``device`` in ``dtype``."""
+        layer = self.skeleton(i)
+        check_tensors(layer, tensors, f"layer {i}")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        layer.load_state_dict(state, strict=True, assign=True)
+        return DecoderLayer(layer).eval()
+
+    def build_pruned_layer(self, i: int, spec: LayerSpec, tensors: dict[str, torch.Tensor], device, dtype) -> DecoderLayer:
+        """A pruned layer (our modeling class) from a decision's spec and tensors."""
+        with torch.device("meta"):
+            layer = sp.StreamPruneDecoderLayer(self.config, spec.to_dict(), i)
+        check_tensors(layer, tensors, f"pruned layer {i}")
+        state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        layer.load_state_dict(state, strict=True, assign=True)
+        return DecoderLayer(layer).eval()
+
+    def rotary(self, device) -> nn.Module:
+        if self.pruned:
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as cls
+        else:
+            module_name, _, rot_name = LAYER_CLASSES[self.model_type]
+            cls = getattr(importlib.import_module(module_name), rot_name)
+        return cls(config=self.config).to(device)
+
+
+def check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Names, shapes and dtypes of ``tensors`` must match ``module``'s state dict."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}: missing tensors {missing[:4]}, unexpected tensors {extra[:4]}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected a floating-point dtype")

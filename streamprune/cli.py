@@ -1,0 +1,122 @@
+"""Command line: a thin shell over the Python API. Every command ends with one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import StreamPruneError
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise StreamPruneError(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune a checkpoint folder layer by layer")
+    p.add_argument("source", type=Path, help="Hugging Face model folder (safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (a loadable HF model)")
+    p.add_argument("--method", default="olica", help="pruning method (default: olica)")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove (default 0.2)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. --option mlp_num=4")
+    p.add_argument("--calib", default="c4", help="calibration text: c4|wikitext2|ptb, a .txt/.jsonl path, or a datasets name")
+    p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    p.add_argument("--chunk-tokens", type=int, default=16384, help="calibration tokens per forward chunk")
+    p.add_argument("--max-gpu-memory", default=None, help="cap GPU memory, e.g. 24GiB")
+    p.add_argument("--work-dir", type=Path, default=None, help="run directory (default: OUT.work next to the output)")
+    p.add_argument("--fresh", action="store_true", help="discard a previous run in the work dir and start over")
+    p.add_argument("--keep-work", action="store_true", help="keep activation files after success")
+    p.add_argument("--dry-run", action="store_true", help="plan and forecast only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="streamed perplexity of a dense or pruned model folder")
+    p.add_argument("model", type=Path)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2|ptb|c4 or a .txt/.jsonl path")
+    p.add_argument("--seqlen", type=int, default=128, help="window length in tokens (papers: 128; also 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--chunk-tokens", type=int, default=16384)
+    p.add_argument("--in-memory", action="store_true", help="load the whole model with transformers instead of streaming")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded demo model (SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default=None, help="default: the best available method")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--full", action="store_true", help="evaluate on the whole WikiText-2 test set")
+    p.add_argument("--out", type=Path, default=None, help="default: a folder in the streamprune cache")
+    p.add_argument("--nsamples", type=int, default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    sub.add_parser("demo-model", help="convert (once) and print the demo model folder")
+    args = parser.parse_args(argv)
+    try:
+        result = _run(args)
+    except StreamPruneError as e:
+        print(f"streamprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamprune: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _run(args) -> dict:
+    if args.command == "prune":
+        from .config import PruneConfig
+        from .engine import prune
+
+        cfg = PruneConfig(
+            source=args.source, out=args.out, method=args.method, ratio=args.ratio, method_options=_options(args.option),
+            calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+            dtype=args.dtype, chunk_tokens=args.chunk_tokens, work_dir=args.work_dir, fresh=args.fresh,
+            keep_work=args.keep_work, dry_run=args.dry_run, max_gpu_memory=args.max_gpu_memory, progress=not args.no_progress,
+        )
+        return prune(cfg)
+    if args.command == "eval":
+        from .evaluate import EvalConfig, perplexity, perplexity_in_memory
+
+        cfg = EvalConfig(
+            model=args.model, dataset=args.dataset, seqlen=args.seqlen, max_windows=args.max_windows, device=args.device,
+            dtype=args.dtype, chunk_tokens=args.chunk_tokens, progress=not args.no_progress,
+        )
+        return perplexity_in_memory(cfg) if args.in_memory else perplexity(cfg)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(method=args.method, ratio=args.ratio, full=args.full, out=args.out, nsamples=args.nsamples)
+    if args.command == "demo-model":
+        from .demo_model import ensure_demo_model
+
+        return {"path": str(ensure_demo_model())}
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The streaming pruning loop: one decoder layer at a time, resumable.
+
+Read top to bottom: open (fingerprint, resume point), calibration tokens -> boundary 0,
+survey (if the method has one), then per layer load / observe / decide / propagate /
+write / commit, then finalize and publish. See ``../shared/spec/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, atomic, writer
+from .activations import ActivationCache
+from .adapters import open_model
+from .checkpoint import file_sha256
+from .config import PruneConfig, resolve_device, resolve_dtype
+from .journal import RunDir, digest
+from .methods import build_method
+from .profile import GiB, LayerProfile, append_line, peak_rss_bytes, rss_bytes
+from .stream import embed_to_boundary, observe, position_embeddings, propagate
+from .textdata import calibration_windows, resolve_text_source
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype) -> dict:
+    return {
+        "source": adapter.reader.fingerprint(),
+        "method": method.config_dict(),
+        "calibration": {"source": cfg.calib, "sha256": calib_digest, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
+        "dtype": str(dtype),
+        "device_type": device.type,
+        "chunk_rows": cfg.chunk_rows,
+        "version": __version__,
+    }
+
+
+def plan(cfg: PruneConfig):
+    """Everything decided from shapes alone: adapter, method plan, planned specs."""
+    adapter = open_model(cfg.source)
+    shapes = adapter.shapes()
+    if cfg.seqlen > shapes.max_position_embeddings:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {shapes.max_position_embeddings}")
+    method = build_method(cfg.method, cfg.ratio, cfg.method_options)
+    method.plan(shapes, survey=None)
+    return adapter, shapes, method, method.planned_specs(shapes)
+
+
+@torch.no_grad()
+def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool) -> list[dict]:
+    """Dense model over dense hidden states; per-layer results from the method."""
+    results = []
+    for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
+        weights = {k: v.to(device, dtype) for k, v in adapter.read_layer(i).items()}
+        layer = adapter.build_layer(i, weights, device, dtype)
+        obs = method.survey_observer(i, weights)
+        propagate(layer, cache, i, pe, device, observer=obs)
+        cache.drop(i)
+        results.append(method.survey_result(i, obs))
+    return results
+
+
+@torch.no_grad()
+def prune(cfg: PruneConfig) -> dict:
+    """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output)."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    adapter, shapes, method, specs = plan(cfg)
+    tokenizer = load_tokenizer(cfg.source)
+    source = resolve_text_source(cfg.calib)
+    run = RunDir(cfg.run_dir)
+    fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype)
+    done = writer.finished_report(cfg.out, digest(fp))
+    if done is not None and not cfg.fresh:
+        return {**done, "out": str(cfg.out), "already_complete": True}
+    writer.check_output_target(cfg.out, digest(fp))
+    if cfg.dry_run:
+        return {"dry_run": True, "achieved_ratio": shapes.achieved_ratio(specs), "params_dense": shapes.total_params(), "params_pruned": shapes.total_params(specs)}
+
+    records = run.open(fp, fresh=cfg.fresh)
+    run.verify(records)
+    committed = run.committed_layers(records)
+    cache = ActivationCache(run.acts)
+    outer = adapter.read_outer()
+    embed = outer["model.embed_tokens.weight"].to(device, dtype)
+    pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
+    storage_dtype = next(iter(adapter.read_layer(0).values())).dtype
+
+    # ---- survey pass (journaled: a resume never repeats it) --------------------------
+    if method.needs_survey:
+        survey = run.load_survey(records, shapes.num_layers)
+        if survey is None:
+            tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
+            survey_cache = ActivationCache(run.acts / "survey")
+            embed_to_boundary(survey_cache, tokens, embed, cfg.chunk_rows, dtype)
+            survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress)
+            survey_cache.clear()
+            run.save_survey(survey)
+        method.plan(shapes, survey=survey)
+
+    # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
+    start = max(committed) + 1 if committed else 0
+    if start == 0 and not cache.is_complete(0):
+        tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
+        embed_to_boundary(cache, tokens, embed, cfg.chunk_rows, dtype)
+    if start < shapes.num_layers and not cache.is_complete(start):
+        raise RuntimeError(f"activation boundary {start} is missing from {run.acts}; rerun with --fresh")
+    out_specs = [None] * shapes.num_layers
+    for i, rec in committed.items():
+        out_specs[i] = type(specs[0]).from_dict(rec["spec"])
+
+    # ---- the layer loop ---------------------------------------------------------------
+    bar = tqdm(range(start, shapes.num_layers), desc="prune", initial=start, total=shapes.num_layers, disable=not cfg.progress)
+    for i in bar:
+        prof = LayerProfile(i, device)
+        read0 = adapter.reader.bytes_read + cache.bytes_read
+        write0 = cache.bytes_written
+        with prof.phase("read"):
+            weights = {k: v.to(device, dtype) for k, v in adapter.read_layer(i).items()}
+            dense = adapter.build_layer(i, weights, device, dtype)
+        with prof.phase("forward"):
+            obs = method.observer(i, "A", weights)
+            observe(dense, cache, i, pe, obs, device)
+        with prof.phase("decide"):
+            decision = method.decide(i, weights, obs)
+        if method.needs_pass_b:
+            with prof.phase("forward"):
+                staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
+                obs_b = method.observer(i, "B", decision.tensors)
+                observe(staged, cache, i, pe, obs_b, device)
+            with prof.phase("decide"):
+                decision = method.refine(i, decision, obs_b)
+        decision.validate(i)
+        with prof.phase("forward"):
+            pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
+            propagate(pruned, cache, i, pe, device)
+        with prof.phase("write"):
+            fname, nbytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
+            run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
+            cache.drop(i)
+        out_specs[i] = decision.spec
+        del weights, dense, pruned, decision
+        rec = prof.record(bytes_read=adapter.reader.bytes_read + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + nbytes)
+        append_line(run.profile_path, rec)
+        bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
+    bar.close()
+
+    # ---- finalize ------------------------------------------------------------------------
+    outer_names = sorted(outer)
+    writer.save_outer(run.staging, outer, storage_dtype)
+    layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
+    writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, outer_names, storage_dtype)
+    report = {
+        "method": method.config_dict(),
+        "requested_ratio": cfg.ratio,
+        "achieved_ratio": shapes.achieved_ratio(out_specs),
+        "params_dense": shapes.total_params(),
+        "params_pruned": shapes.total_params(out_specs),
+        "layers": shapes.num_layers,
+        "calibration": {"source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
+        "device": str(device),
+        "dtype": str(dtype),
+        "fingerprint_sha256": run.fingerprint_sha256(),
+        "version": __version__,
+    }
+    # Volatile facts (time, memory) go to the run directory, not into the output bytes,
+    # so a resumed run's output is byte-identical to an uninterrupted one.
+    timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start}
+    if device.type == "cuda":
+        timing["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    # The report's "run" block (time, peaks) is the only part of the output that may
+    # differ between an uninterrupted and a resumed run; every other byte is identical.
+    atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
+    writer.publish(run.staging, cfg.out)
+    if not cfg.keep_work:
+        cache.clear()
+    return {**report, **timing, "out": str(cfg.out)}

@@ -1,0 +1,120 @@
+"""Perplexity, streamed layer by layer (a 70B model evaluates on one 24 GB GPU).
+
+Protocol (the pruning papers'): tokenize the whole evaluation text once, cut it into
+non-overlapping windows of ``seqlen`` tokens (tail dropped), mean next-token NLL over
+all windows, ``exp``. Works for dense checkpoints and streamprune outputs alike. The
+in-memory path (``perplexity_in_memory``) loads the whole model with ``transformers``:
+for small models and as the reference the streamed figure is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .activations import ActivationCache
+from .adapters import open_model
+from .config import resolve_device, resolve_dtype
+from .errors import ConfigError
+from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
+from .textdata import eval_windows, resolve_text_source
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path
+    dataset: str = "wikitext2"
+    seqlen: int = 128
+    max_windows: int | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    chunk_tokens: int = 16384
+    work_dir: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seqlen <= 1:
+            raise ConfigError(f"--seqlen must be > 1, got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise ConfigError(f"--max-windows must be > 0, got {self.max_windows}")
+
+
+def _windows(model_dir: Path, cfg: EvalConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return eval_windows(tokenizer, resolve_text_source(cfg.dataset), cfg.seqlen, cfg.max_windows)
+
+
+def _result(cfg: EvalConfig, tokens: torch.Tensor, nll: float, count: int, t0: float, mode: str) -> dict:
+    return {
+        "dataset": cfg.dataset,
+        "seqlen": cfg.seqlen,
+        "windows": int(tokens.shape[0]),
+        "tokens": int(count),
+        "nll": nll / count,
+        "ppl": math.exp(nll / count),
+        "mode": mode,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+@torch.no_grad()
+def perplexity(cfg: EvalConfig) -> dict:
+    """Streamed perplexity of the model folder ``cfg.model``."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    adapter = open_model(cfg.model)
+    if cfg.seqlen > adapter.shapes().max_position_embeddings:
+        raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {adapter.shapes().max_position_embeddings}")
+    tokens = _windows(cfg.model, cfg)
+    outer = adapter.read_outer()
+    embed = outer["model.embed_tokens.weight"].to(device, dtype)
+    head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps).to(device, dtype)
+    norm.weight.copy_(outer["model.norm.weight"])
+    pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
+    chunk_rows = max(1, cfg.chunk_tokens // cfg.seqlen)
+    root = cfg.work_dir if cfg.work_dir is not None else None
+    with tempfile.TemporaryDirectory(prefix="streamprune-eval-", dir=root) as tmp:
+        cache = ActivationCache(Path(tmp))
+        embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
+        for i in tqdm(range(adapter.num_layers), desc="eval", disable=not cfg.progress):
+            layer = adapter.build_layer(i, adapter.read_layer(i), device, dtype)
+            propagate(layer, cache, i, pe, device)
+            cache.drop(i)
+            del layer
+        nll, count = token_nll(cache, adapter.num_layers, tokens, norm, head, device)
+    return _result(cfg, tokens, nll, count, t0, "streamed")
+
+
+@torch.no_grad()
+def perplexity_in_memory(cfg: EvalConfig) -> dict:
+    """Same protocol, whole model loaded by ``transformers`` (small models only)."""
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import register
+
+    t0 = time.perf_counter()
+    register()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+    tokens = _windows(cfg.model, cfg)
+    nll, count = 0.0, 0
+    for row in tqdm(range(tokens.shape[0]), desc="eval", disable=not cfg.progress):
+        ids = tokens[row : row + 1].to(device)
+        logits = model(input_ids=ids).logits.float()[0]  # (T, vocab) fp32
+        nll += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return _result(cfg, tokens, nll, count, t0, "in-memory")

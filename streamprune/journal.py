@@ -1,0 +1,132 @@
+"""Run directory and journal: what makes a run resumable and byte-identical.
+
+Layout of a run directory::
+
+    manifest.json         fingerprint of the job (written once, atomically)
+    journal.jsonl         one fsynced JSON line per event: survey done, layer committed
+    survey.safetensors    survey-pass results (so a resume never repeats the survey)
+    profile.jsonl         one line per layer: timings, memory, bytes
+    acts/boundary_XXXX/   activation cache (the resume point)
+    staging/              output files until the run is published
+
+A layer record is appended only after the layer's tensors and the next activation
+boundary are durable; on resume the committed files' sha256 are verified first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import atomic
+from .checkpoint import file_sha256
+from .errors import StreamPruneError
+
+
+class FingerprintMismatch(StreamPruneError):
+    pass
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.journal_path = self.root / "journal.jsonl"
+        self.survey_path = self.root / "survey.safetensors"
+        self.profile_path = self.root / "profile.jsonl"
+        self.acts = self.root / "acts"
+        self.staging = self.root / "staging"
+
+    # ---- opening ------------------------------------------------------------------------
+    def open(self, fingerprint: dict, fresh: bool) -> list[dict]:
+        """Create or resume; returns the journal records of a resumed run ([] if new)."""
+        if fresh and self.root.exists():
+            import shutil
+
+            shutil.rmtree(self.root)
+        if self.manifest_path.is_file():
+            old = json.loads(self.manifest_path.read_text())["fingerprint"]
+            if old != fingerprint:
+                a, b = _flatten(old), _flatten(fingerprint)
+                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise FingerprintMismatch(
+                    f"work dir {self.root} belongs to a different job (differs in: {', '.join(fields)}); "
+                    "rerun with --fresh to start over, or use another --work-dir"
+                )
+            return self.records()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in (self.journal_path, self.survey_path, self.profile_path):
+            stale.unlink(missing_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        atomic.write_json(self.manifest_path, {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint)})
+        return []
+
+    def fingerprint_sha256(self) -> str:
+        return json.loads(self.manifest_path.read_text())["fingerprint_sha256"]
+
+    # ---- journal ------------------------------------------------------------------------
+    def records(self) -> list[dict]:
+        if not self.journal_path.is_file():
+            return []
+        out = []
+        for line in self.journal_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash mid-append: everything before it stands
+        return out
+
+    def append(self, record: dict) -> None:
+        self.staging.mkdir(exist_ok=True)
+        with open(self.journal_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def committed_layers(self, records: list[dict]) -> dict[int, dict]:
+        return {r["layer"]: r for r in records if r.get("event") == "layer"}
+
+    def verify(self, records: list[dict]) -> None:
+        """Committed layer files must exist with the recorded sha256."""
+        for layer, rec in sorted(self.committed_layers(records).items()):
+            path = self.staging / rec["file"]
+            if not path.is_file() or file_sha256(path) != rec["sha256"]:
+                raise StreamPruneError(
+                    f"committed layer {layer} file {path} is missing or corrupted; rerun with --fresh"
+                )
+
+    # ---- survey -------------------------------------------------------------------------
+    def save_survey(self, results: list[dict[str, torch.Tensor]]) -> None:
+        flat = {f"{i}.{k}": v.detach().cpu().contiguous() for i, r in enumerate(results) for k, v in r.items()}
+        atomic.write_safetensors(self.survey_path, flat)
+        self.append({"event": "survey", "layers": len(results), "sha256": file_sha256(self.survey_path)})
+
+    def load_survey(self, records: list[dict], num_layers: int) -> list[dict[str, torch.Tensor]] | None:
+        if not any(r.get("event") == "survey" for r in records) or not self.survey_path.is_file():
+            return None
+        flat = load_file(self.survey_path)
+        out: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        for key, t in flat.items():
+            i, name = key.split(".", 1)
+            out[int(i)][name] = t
+        return out

@@ -1,0 +1,566 @@
+"""Olica (He & Lin, ICML 2025, arXiv 2506.08436; code github.com/BetterTMrR/LLM-Olica).
+
+Contract: ``/work/shared/spec/ALGORITHMS.md`` ("Olica", "Ratio contract"), generalised to
+grouped-query attention. Four parts: Q/K activation-weighted SVD (RoPE untouched), V/O
+Fast-OND rotation + per-group value-dimension pruning, FFN channel pruning, and Linear
+Calibration (LC): a low-rank linear bypass fitted to the FFN's pruning residual on the
+``mlp_num`` most linear layers.
+
+Passes (see :mod:`streamprune.methods.base`):
+
+- survey (dense model, dense hidden states): per layer the FFN linearity score and the
+  o_proj output energy (the Fast-OND statistic). A few floats per layer, journaled.
+- pass A (dense layer, sequentially pruned hidden states): attention-input energy, per
+  head h×h Gram of the o_proj input, MLP-input and down_proj-input energies.
+- decide: Q/K factors, rotated + sliced V/O, sliced FFN; LC layers get a *zero* bypass so
+  the decision already matches its planned spec (a zero bypass computes nothing).
+- pass B (``pass_b_layer = "dense"``, LC layers only): re-run the dense layer and
+  accumulate XᵀX, XᵀE, ΣX, ΣE, ΣE² chunk by chunk (E = dense − pruned FFN output);
+  ``refine`` fits the bypass from those moments.
+
+Ambiguities, and how they are resolved (official = the released code, ``utils/llama_utils.py``):
+
+1. *What X is for LC.* Official ``pruning()`` hooks ``layer.mlp`` while running the still
+   dense layer l over the hidden states that came out of the pruned layers 0..l-1, then
+   evaluates the thinned MLP on those same inputs. So X = the MLP input (post-attention
+   norm output) of the **dense** layer l, on the **sequentially pruned** stream; E = dense
+   FFN(X) − pruned FFN(X). We do the same: pass B re-runs the dense layer. E is formed as
+   ``H[:, pruned] · W_down[:, pruned]ᵀ`` from the dense down_proj input H, which equals
+   Y − Ŷ exactly, needs no knowledge of the activation function and has no cancellation.
+2. *Survey statistics.* Official ``fast_OND`` streams the dense model over dense hidden
+   states, fits the ridge (same ``solve``) for the linearity score and takes the o_proj
+   output energy for the rotation. Same here; pass A (pruned stream) supplies every other
+   energy, as official ``pruning()`` does. Official Pearson mixes a population covariance
+   with unbiased stds (a factor (n−1)/n); ours is the exact Pearson.
+3. *Rotated-basis energies.* Official re-collects o_proj input energies on the rotated
+   model; we collect per-head Grams G_q of the dense o_proj input and read
+   ``diag(Tᵀ G_q T)`` — the same numbers, exactly, without a second forward.
+4. *λ needs N and T only through N·T.* ``λ = percdamp·mean(diag XᵀX)/((N/128)(T/128))``;
+   N·T is the number of tokens the moments saw, so the method takes no nsamples/seqlen
+   plumbing (a resumed run cannot disagree with itself). NOTE: official runs set
+   ``num_samples = len(dataloader) = 256`` with ``--percdamp 0.5``, i.e. λ = 0.25·mean(diag)
+   at 256×128 tokens; percdamp = 0.5 here reproduces that, the default 1.0 gives 0.5·mean.
+5. *Q/K ranks.* ALGORITHMS.md: ``r = floor((1−s_qk)·m·n/(m+n))`` per matrix (k_proj is
+   not square under GQA); official ``ceil((1−s_qk)·out/2)`` agrees for square matrices.
+6. *Budget.* ``sr_allocation`` gives s_qk and s_vo; s_mlp is solved from the *exact*
+   parameter counts of the planned specs, LC bypass parameters included (official counts
+   neither the rank floors nor the bypass), so the total lands within ±1 pp.
+7. *GQA rotation.* One rotation per KV group from the stacked o_proj blocks of all its
+   query heads; every group keeps the same ``h_v``. For H = G this is the official code.
+8. *LC weights.* ``w = sigmoid((ρ − mean ρ)/0.05)``; the weighted SVD floors w at
+   1e-4·max(w) before dividing by it (official divides by the raw w, which is ≥ 4e-18).
+9. *Index order.* Kept FFN channels keep their original order; kept value dimensions are
+   listed in ascending order of the rotated basis (singular-value order).
+10. *LC layers.* Lowest ``mlp_num`` scores among layers 0..L−2 (official
+    ``mlp_r_list[:-1].argsort()[:mlp_num]``); ties go to the lower index. ``mlp_num`` is
+    capped at L−1; LC is off when ``floor(lc_rank_ratio·d) = 0``.
+11. *Exact OND (ablation).* SVD of the stacked ``Wv_gᵀ [Wo_qᵀ Dout]_q`` (d × (H/G)·d) per
+    group; the value basis becomes its top-h left singular vectors (``Wv ← U_hᵀ``,
+    ``Wo_q ← Wo_q Wv U_h``), an invertible, non-orthogonal change of basis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..errors import RatioError
+from ..kernels import SOLVERS, Moments, energy, linear_fit_pearson, ridge_lambda, ridge_solve, truncated_svd, weighted_svd
+from ..shapes import ModelShapes
+from ..spec import LayerSpec
+from .base import Decision, Method
+
+OLICA_CONFIG_VERSION = 1
+_MAX_S_MLP = 0.95
+_BLOCK = 4096  # rows per fp32 block when scoring big weight matrices
+
+
+@dataclass(frozen=True)
+class OlicaConfig:
+    """Olica knobs. nsamples/seqlen are not here: λ only needs the token count (note 4)."""
+
+    k: float = 3.0  # Q/K : V/O budget ratio of sr_allocation
+    mlp_num: int = 6  # layers that get Linear Calibration
+    lc_rank_ratio: float = 0.03  # LC bypass rank = floor(lc_rank_ratio · d)
+    percdamp: float = 1.0  # ridge strength (see note 4)
+    keep_least_frac: float = 0.01  # FFN: the least important fraction is kept
+    exact_ond: bool = False  # ablation: SVD of the full Wv·Wo product (small models only)
+    svd_solver: str = "auto"  # streamprune.kernels.svd solver
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"OlicaConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 < self.k < math.inf:
+            raise bad("k", "a positive number")
+        if isinstance(self.mlp_num, bool) or not isinstance(self.mlp_num, int) or self.mlp_num < 0:
+            raise bad("mlp_num", "an int >= 0")
+        if not isinstance(self.lc_rank_ratio, (int, float)) or not 0 <= self.lc_rank_ratio < 1:
+            raise bad("lc_rank_ratio", "in [0, 1)")
+        if not isinstance(self.percdamp, (int, float)) or not 0 <= self.percdamp < math.inf:
+            raise bad("percdamp", "a finite number >= 0")
+        if not isinstance(self.keep_least_frac, (int, float)) or not 0 <= self.keep_least_frac < 0.05:
+            raise bad("keep_least_frac", "in [0, 0.05)")
+        if not isinstance(self.exact_ond, bool):
+            raise bad("exact_ond", "a bool")
+        if self.svd_solver not in ("auto",) + SOLVERS:
+            raise bad("svd_solver", f"one of {('auto',) + SOLVERS}")
+
+
+# ---- budget -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OlicaPlan:
+    """Whole-model knobs (all layers share them; LC layers add the bypass)."""
+
+    s_qk: float
+    s_vo: float
+    s_mlp: float
+    q_rank: int
+    k_rank: int
+    v_head_dim: int
+    n_keep_least: int  # FFN channels kept from the bottom of the ranking
+    n_ffn_pruned: int
+    lc_rank: int
+    lc_layers: tuple[int, ...]
+    lc_provisional: bool  # True until the survey picks the LC layers (totals are exact anyway)
+
+
+def sr_allocation(ratio: float, k: float) -> tuple[float, float]:
+    """Official ``sr_allocation``: ``(s_qk, s_vo)`` for target ``ratio``."""
+    s_vo = 2 * ratio / (1 + k)
+    s_qk = 2 * ratio if ratio <= 0.4 else k * s_vo
+    return s_qk, s_vo
+
+
+def awsvd_rank(m: int, n: int, s: float) -> int:
+    """Rank keeping ``(1 − s)`` of an m×n matrix's parameters: ``floor((1−s)·m·n/(m+n))``."""
+    return max(0, math.floor((1 - s) * m * n / (m + n)))
+
+
+def _spec(shapes: ModelShapes, q_rank: int, k_rank: int, v_head_dim: int, f: int, bypass: int) -> LayerSpec:
+    return replace(shapes.dense_spec(), q_rank=q_rank, k_rank=k_rank, v_head_dim=v_head_dim,
+                   intermediate_size=f, bypass_rank=bypass)
+
+
+def _attention_knobs(shapes: ModelShapes, s_qk: float, s_vo: float) -> tuple[int, int, int]:
+    d, h = shapes.hidden_size, shapes.head_dim
+    q_rank = awsvd_rank(shapes.num_heads * h, d, s_qk)
+    k_rank = awsvd_rank(shapes.num_kv_heads * h, d, s_qk)
+    return q_rank, k_rank, h - math.floor(s_vo * h)
+
+
+def budget_split(shapes: ModelShapes, ratio: float, k: float, lc_params: int) -> tuple[float, float, float]:
+    """``(s_qk, s_vo, s_mlp)``: s_mlp solved so the exact total, ``lc_params`` included, hits ``ratio``.
+
+    Raises :class:`RatioError` (with the reachable range) when s_mlp falls outside [0, 0.95].
+    """
+    s_qk, s_vo, s_mlp = _split(shapes, ratio, k, lc_params)
+    if not 0.0 <= s_mlp <= _MAX_S_MLP:
+        ranges = reachable_ratios(shapes, k, lc_params)
+        where = " ∪ ".join(f"[{a:.3f}, {b:.3f}]" for a, b in ranges) or "none"
+        raise RatioError(
+            f"--ratio {ratio} is unreachable with method olica on this model: the FFN would have to "
+            f"lose {s_mlp:.1%} of its channels (allowed 0–{_MAX_S_MLP:.0%}). Reachable ratios (k={k}, "
+            f"LC bypass {lc_params} params): {where}. Change --ratio."
+        )
+    return s_qk, s_vo, s_mlp
+
+
+def _split(shapes: ModelShapes, ratio: float, k: float, lc_params: int) -> tuple[float, float, float]:
+    s_qk, s_vo = sr_allocation(ratio, k)
+    q_rank, k_rank, h_v = _attention_knobs(shapes, s_qk, s_vo)
+    if min(q_rank, k_rank, h_v) < 1:
+        return s_qk, s_vo, math.inf  # attention alone overshoots: nothing left to factorise
+    d, f, L = shapes.hidden_size, shapes.intermediate_size, shapes.num_layers
+    attn_removed = shapes.dense_spec().num_params() - _spec(shapes, q_rank, k_rank, h_v, f, 0).num_params()
+    need = ratio * shapes.total_params() + lc_params - L * attn_removed  # params the FFNs must lose
+    return s_qk, s_vo, need / (L * 3 * d * f)
+
+
+def reachable_ratios(shapes: ModelShapes, k: float, lc_params: int, step: float = 0.001) -> list[tuple[float, float]]:
+    """Intervals of ratios (on a ``step`` grid) whose s_mlp lies in [0, 0.95]."""
+    out: list[tuple[float, float]] = []
+    for i in range(1, round(1 / step)):
+        s = i * step
+        if 0.0 <= _split(shapes, s, k, lc_params)[2] <= _MAX_S_MLP:
+            if out and abs(out[-1][1] - (s - step)) < step / 2:
+                out[-1] = (out[-1][0], s)
+            else:
+                out.append((s, s))
+    return out
+
+
+def ffn_counts(f: int, s_mlp: float, keep_least_frac: float) -> tuple[int, int]:
+    """``(n_keep_least, n_pruned)``: keep the lowest ``floor(frac·f)``, prune the next ``floor(s_mlp·f)``."""
+    n_least = math.floor(keep_least_frac * f)
+    return n_least, min(math.floor(s_mlp * f), f - n_least - 1)
+
+
+def pick_lc_layers(scores: list[float], mlp_num: int) -> tuple[int, ...]:
+    """The ``mlp_num`` lowest linearity scores among all layers but the last (ties: lower index)."""
+    order = sorted(range(len(scores) - 1), key=lambda i: (scores[i], i))
+    return tuple(sorted(order[:mlp_num]))
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+
+def _apply_value_basis(wv: Tensor, wo: Tensor, T: Tensor, T_inv_t: Tensor, hpg: int) -> tuple[Tensor, Tensor]:
+    """Values v ← v·T per group: ``Wv_g ← Tᵀ Wv_g``, ``Wo_q ← Wo_q T⁻ᵀ``. fp32 in, fp32 out."""
+    G, h, _ = T.shape
+    d = wv.shape[1]
+    wv_new = (T.transpose(1, 2) @ wv.reshape(G, h, d)).reshape(G * h, d)  # (G·h, d)
+    wo_new = torch.einsum("dgqi,gij->dgqj", wo.reshape(d, G, hpg, h), T_inv_t).reshape(d, G * hpg * h)
+    return wv_new, wo_new
+
+
+def _stacked_o(wo: Tensor, eo: Tensor, G: int, hpg: int, h: int) -> Tensor:
+    """(G, h, hpg·d): per group ``[Wo_q1ᵀ Dout, Wo_q2ᵀ Dout, …]``."""
+    d = wo.shape[0]
+    dout = eo.float().clamp_min(0).sqrt().to(wo.device)  # (d,)
+    return (wo.reshape(d, G, hpg, h) * dout[:, None, None, None]).permute(1, 3, 2, 0).reshape(G, h, hpg * d)
+
+
+def fast_ond_rotation(wv: Tensor, wo: Tensor, eo: Tensor, n_heads_per_group: int, head_dim: int,
+                      solver: str = "auto", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Fast-OND per KV group → ``(wv_rot (G·h, d), wo_rot (d, H·h), U (G, h, h))``, fp32.
+
+    ``M_g = [Wo_qᵀ Dout]_q = U Σ Vᵀ``; ``Wv_g ← Uᵀ Wv_g``, ``Wo_q ← Wo_q U``. U is orthogonal,
+    so the layer computes the same function.
+    """
+    h, hpg = head_dim, n_heads_per_group
+    G = wv.shape[0] // h
+    wv32, wo32 = wv.float(), wo.float()
+    M = _stacked_o(wo32, eo, G, hpg, h)
+    U = torch.stack([truncated_svd(M[g], h, solver=solver, seed=seed)[0] for g in range(G)])  # (G, h, h)
+    wv_rot, wo_rot = _apply_value_basis(wv32, wo32, U, U, hpg)
+    return wv_rot, wo_rot, U
+
+
+def exact_ond_transform(wv: Tensor, wo: Tensor, eo: Tensor, n_heads_per_group: int, head_dim: int,
+                        solver: str = "auto", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact OND (ablation, O(G·d²·(H/G)·d)): like :func:`fast_ond_rotation`, T not orthogonal."""
+    h, hpg = head_dim, n_heads_per_group
+    G, d = wv.shape[0] // h, wv.shape[1]
+    wv32, wo32 = wv.float(), wo.float()
+    M = _stacked_o(wo32, eo, G, hpg, h)
+    Ts, Tits = [], []
+    for g in range(G):
+        wv_g = wv32[g * h:(g + 1) * h]  # (h, d)
+        U_h = truncated_svd(wv_g.T @ M[g], h, solver=solver, seed=seed)[0]  # (d, h)
+        T_inv_t = wv_g @ U_h  # (h, h) = (U_hᵀ Wv_gᵀ)ᵀ
+        Ts.append(torch.linalg.inv(T_inv_t.T))
+        Tits.append(T_inv_t)
+    T = torch.stack(Ts)
+    wv_new, wo_new = _apply_value_basis(wv32, wo32, T, torch.stack(Tits), hpg)
+    return wv_new, wo_new, T
+
+
+def value_scores(wv_rot: Tensor, wo_rot: Tensor, ev: Tensor, o_grams: Tensor, T: Tensor, n_heads_per_group: int) -> Tensor:
+    """(G, h) importance of each value dimension in the new basis.
+
+    ``I_j = ‖|Wv_g[j,:]| ⊙ sqrt(ev)‖ + Σ_q ‖Wo_q[:, j]‖·sqrt(eoin[q, j])``, with the o_proj
+    input energy in the new basis ``eoin[q] = diag(Tᵀ G_q T)`` from the per-head Grams
+    ``o_grams`` (H, h, h) of the original basis.
+    """
+    G, h, _ = T.shape
+    d, hpg = wv_rot.shape[1], n_heads_per_group
+    v_part = (wv_rot * ev.float().sqrt()).norm(dim=1).reshape(G, h)
+    Tq = T.repeat_interleave(hpg, dim=0)  # (H, h, h)
+    eoin = ((o_grams.float() @ Tq) * Tq).sum(dim=1).clamp_min(0)  # (H, h)
+    o_part = wo_rot.reshape(d, G * hpg, h).norm(dim=0) * eoin.sqrt()  # (H, h)
+    return v_part + o_part.reshape(G, hpg, h).sum(dim=1)
+
+
+def keep_lowest_dropped(scores: Tensor, n_drop: int) -> Tensor:
+    """(G, h − n_drop) kept indices per row (ascending), dropping the ``n_drop`` lowest scores."""
+    order = torch.argsort(scores, dim=1, stable=True)
+    return torch.sort(order[:, n_drop:], dim=1).values
+
+
+def slice_values(wv: Tensor, wo: Tensor, keep: Tensor, n_heads_per_group: int,
+                 bv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Keep value dims ``keep`` (G, h_v) of every group: v rows, o columns of every query head."""
+    G, h_v = keep.shape
+    d = wv.shape[1]
+    h = wv.shape[0] // G
+    wv_s = torch.gather(wv.reshape(G, h, d), 1, keep[:, :, None].expand(G, h_v, d)).reshape(G * h_v, d)
+    wo4 = wo.reshape(d, G, n_heads_per_group, h)
+    idx = keep[None, :, None, :].expand(d, G, n_heads_per_group, h_v)
+    wo_s = torch.gather(wo4, 3, idx).reshape(d, G * n_heads_per_group * h_v)
+    bv_s = None if bv is None else torch.gather(bv.reshape(G, h), 1, keep).reshape(-1)
+    return wv_s, wo_s, bv_s
+
+
+# ---- FFN ----------------------------------------------------------------------------------
+
+
+def _scaled_row_norms(w: Tensor, scale: Tensor) -> Tensor:
+    """(rows,) ‖w[j,:] ⊙ scale‖₂ in fp32, ``_BLOCK`` rows at a time."""
+    s = scale.float().to(w.device)
+    return torch.cat([(w[i:i + _BLOCK].float() * s).norm(dim=1) for i in range(0, w.shape[0], _BLOCK)])
+
+
+def ffn_scores(gate: Tensor, up: Tensor, down: Tensor, ex: Tensor, eh: Tensor) -> Tensor:
+    """(f,) ``‖Wup[j]⊙sqrt(ex)‖ + ‖Wgate[j]⊙sqrt(ex)‖ + sqrt(eh[j])·‖Wdown[:,j]‖``."""
+    sx = ex.float().sqrt()
+    down_norm = torch.cat([down[:, i:i + _BLOCK].float().norm(dim=0) for i in range(0, down.shape[1], _BLOCK)])
+    return _scaled_row_norms(up, sx) + _scaled_row_norms(gate, sx) + eh.float().sqrt().to(down.device) * down_norm
+
+
+def ffn_split(scores: Tensor, n_keep_least: int, n_pruned: int) -> tuple[Tensor, Tensor]:
+    """``(kept, pruned)`` channel indices (ascending): keep the lowest ``n_keep_least``, prune the next ``n_pruned``."""
+    order = torch.argsort(scores, stable=True)
+    pruned = order[n_keep_least:n_keep_least + n_pruned]
+    kept = torch.cat([order[:n_keep_least], order[n_keep_least + n_pruned:]])
+    return torch.sort(kept).values, torch.sort(pruned).values
+
+
+# ---- Linear Calibration and the survey's linearity score ------------------------------------
+
+
+def lc_lambda(xtx: Tensor, percdamp: float, n_tokens: int) -> float:
+    """``percdamp·mean(diag XᵀX)/((N/128)(T/128))`` with N·T = ``n_tokens`` (note 4)."""
+    return ridge_lambda(xtx, percdamp, nsamples=n_tokens, seqlen=1)
+
+
+def linearity_score(n: int, sx: Tensor, xtx: Tensor, xty: Tensor, sy: Tensor, syy_diag: Tensor, percdamp: float) -> float:
+    """Survey score ``1 − mean_c Pearson(X Ŵ, Y)_c`` of the ridge fit of Y from X (low = linear)."""
+    W, _ = ridge_solve(xtx, xty, lc_lambda(xtx, percdamp, n))
+    return 1.0 - float(linear_fit_pearson(n, sx, xtx, xty, sy, syy_diag, W).double().mean())
+
+
+@dataclass
+class LCFit:
+    A: Tensor  # (d, r) = U_r S_r
+    B: Tensor  # (r, d) = V_rᵀ diag(w)⁻¹; bypass(x) = x A B
+    W: Tensor  # (d, d) ridge solution
+    rho: Tensor  # (d,) Pearson of the fit per output dim
+    weight: Tensor  # (d,) sigmoid weights
+    lam: float
+
+
+def linear_calibration(n: int, sx: Tensor, xtx: Tensor, xte: Tensor, se: Tensor, see_diag: Tensor,
+                       percdamp: float, rank: int, solver: str = "auto", seed: int = 0) -> LCFit:
+    """Fit the bypass from moments of X (MLP input) and E (pruning residual), all fp32."""
+    W, lam = ridge_solve(xtx, xte, lc_lambda(xtx, percdamp, n))  # (d, d)
+    rho = linear_fit_pearson(n, sx, xtx, xte, se, see_diag, W)  # (d,)
+    w = torch.sigmoid((rho - rho.mean()) / 0.05)
+    A, B = weighted_svd(W, w, rank, balance="left", solver=solver, seed=seed)  # W ≈ A B
+    return LCFit(A=A, B=B, W=W, rho=rho, weight=w, lam=lam)
+
+
+# ---- observers ------------------------------------------------------------------------------
+
+
+class _SurveyObserver:
+    """Dense model: moments of (MLP input, MLP output) and the o_proj output energy."""
+
+    taps = frozenset({"mlp", "o_proj"})
+
+    def __init__(self, d: int):
+        self.d = d
+        self.mlp: Moments | None = None
+        self.eo: Tensor | None = None
+
+    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
+        if tap == "mlp":
+            if self.mlp is None:
+                self.mlp = Moments(self.d, self.d, device=x_in.device)
+            self.mlp.update(x_in, y_out)
+        elif tap == "o_proj":
+            e = energy(y_out)
+            self.eo = e if self.eo is None else self.eo + e
+
+
+class _PassAObserver:
+    """Dense layer, pruned stream: energies + per-head Grams of the o_proj input."""
+
+    taps = frozenset({"v_proj", "o_proj", "gate_proj", "down_proj"})
+
+    def __init__(self, num_heads: int, head_dim: int):
+        self.H, self.h = num_heads, head_dim
+        self.e: dict[str, Tensor] = {}
+        self.o_grams: Tensor | None = None  # (H, h, h) fp32
+
+    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
+        if tap == "o_proj":
+            if self.o_grams is None:
+                self.o_grams = torch.zeros(self.H, self.h, self.h, dtype=torch.float32, device=x_in.device)
+            for i in range(0, x_in.shape[0], _BLOCK):
+                a = x_in[i:i + _BLOCK].float().reshape(-1, self.H, self.h).transpose(0, 1)  # (H, t, h)
+                self.o_grams.baddbmm_(a.transpose(1, 2), a)
+        else:
+            e = energy(x_in)
+            self.e[tap] = e if tap not in self.e else self.e[tap] + e
+
+
+class _LCObserver:
+    """Pass B on the dense layer: moments of X (MLP input) and E = H[:, pruned]·Wdown[:, pruned]ᵀ."""
+
+    taps = frozenset({"down_proj", "mlp"})
+
+    def __init__(self, d: int, pruned: Tensor, down_pruned: Tensor):
+        self.pruned, self.down_pruned = pruned, down_pruned  # (p,), (d, p)
+        self.moments: Moments | None = None
+        self._x: Tensor | None = None
+        self._e: Tensor | None = None
+        self.d = d
+
+    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
+        if tap == "down_proj":  # x_in: dense intermediate activation H (tokens, f)
+            w = self.down_pruned.float().T  # (p, d)
+            hp = x_in[:, self.pruned.to(x_in.device)]
+            self._e = torch.cat([hp[i:i + _BLOCK].float() @ w for i in range(0, hp.shape[0], _BLOCK)])
+        else:
+            self._x = x_in
+        if self._x is not None and self._e is not None:  # both taps of one chunk seen
+            assert self._x.shape[0] == self._e.shape[0], "mlp and down_proj taps out of step"
+            if self.moments is None:
+                self.moments = Moments(self.d, self.d, device=self._x.device)
+            self.moments.update(self._x, self._e)
+            self._x = self._e = None
+
+
+# ---- the method --------------------------------------------------------------------------------
+
+
+class Olica(Method):
+    """Olica on the streaming engine: survey → plan → per layer pass A, decide, pass B, refine."""
+
+    name = "olica"
+    needs_survey = True
+    needs_pass_b = True
+    pass_b_layer = "dense"
+
+    def __init__(self, config: OlicaConfig, ratio: float):
+        super().__init__(config, ratio)
+        self.knobs: OlicaPlan | None = None
+        self._shapes: ModelShapes | None = None
+        self._survey: list[dict[str, Tensor]] | None = None
+        self._lc_pending: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def config_dict(self) -> dict:
+        return {"method": self.name, "ratio": self.ratio, "config_version": OLICA_CONFIG_VERSION, **asdict(self.config)}
+
+    # ---- plan ---------------------------------------------------------------------------
+    def plan(self, shapes: ModelShapes, survey: list[dict[str, Tensor]] | None = None) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise RatioError(f"--ratio must be in (0, 1) for method olica, got {self.ratio}")
+        cfg, d, L = self.config, shapes.hidden_size, shapes.num_layers
+        lc_rank = math.floor(cfg.lc_rank_ratio * d)
+        mlp_num = min(cfg.mlp_num, L - 1) if lc_rank > 0 else 0
+        s_qk, s_vo, s_mlp = budget_split(shapes, self.ratio, cfg.k, mlp_num * 2 * d * lc_rank)
+        q_rank, k_rank, h_v = _attention_knobs(shapes, s_qk, s_vo)
+        n_least, n_pruned = ffn_counts(shapes.intermediate_size, s_mlp, cfg.keep_least_frac)
+        if survey is not None:
+            if len(survey) != L or any(not {"linearity", "o_out_energy"} <= set(s) for s in survey):
+                raise ValueError(f"olica survey must hold {L} dicts with 'linearity' and 'o_out_energy'")
+            lc_layers = pick_lc_layers([float(s["linearity"]) for s in survey], mlp_num)
+        else:
+            lc_layers = tuple(range(mlp_num))  # provisional: same parameter count
+        self.knobs = OlicaPlan(s_qk, s_vo, s_mlp, q_rank, k_rank, h_v, n_least, n_pruned, lc_rank,
+                               lc_layers, lc_provisional=survey is None)
+        self._shapes, self._survey = shapes, survey
+
+    def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
+        if self.knobs is None:
+            raise RuntimeError("Olica.planned_specs called before plan()")
+        return [self._layer_spec(shapes, i) for i in range(shapes.num_layers)]
+
+    def _layer_spec(self, shapes: ModelShapes, i: int) -> LayerSpec:
+        p = self.knobs
+        f = shapes.intermediate_size - p.n_ffn_pruned
+        return _spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
+
+    # ---- survey -------------------------------------------------------------------------------
+    def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> _SurveyObserver:
+        return _SurveyObserver(weights["mlp.down_proj.weight"].shape[0])
+
+    def survey_result(self, layer_idx: int, observer: _SurveyObserver) -> dict[str, Tensor]:
+        m = observer.mlp
+        m.check_finite(f"olica survey statistics of layer {layer_idx}")
+        score = linearity_score(m.n, m.sx, m.xtx, m.xty, m.sy, m.syy_diag, self.config.percdamp)
+        return {"linearity": torch.tensor(score, dtype=torch.float32), "o_out_energy": observer.eo.float().cpu()}
+
+    # ---- per layer ---------------------------------------------------------------------------
+    def observer(self, layer_idx: int, pass_name: str, weights: dict[str, Tensor]):
+        s = self._shapes
+        if pass_name == "A":
+            return _PassAObserver(s.num_heads, s.head_dim)
+        if pass_name == "B" and layer_idx in self._lc_pending:
+            pruned, down_pruned = self._lc_pending[layer_idx]
+            return _LCObserver(s.hidden_size, pruned, down_pruned)
+        return None
+
+    def decide(self, layer_idx: int, weights: dict[str, Tensor], observer: _PassAObserver) -> Decision:
+        if self._survey is None:
+            raise RuntimeError("Olica.decide needs the survey: call plan(shapes, survey) first")
+        s, p, cfg = self._shapes, self.knobs, self.config
+        hpg, h, seed = s.heads_per_group, s.head_dim, layer_idx
+        spec = self._layer_spec(s, layer_idx)
+        ev, ex, eh = observer.e["v_proj"], observer.e["gate_proj"], observer.e["down_proj"]
+        out: dict[str, Tensor] = {n: weights[n] for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}
+
+        for proj, rank in (("q", p.q_rank), ("k", p.k_rank)):  # activation-weighted SVD
+            w = weights[f"self_attn.{proj}_proj.weight"]
+            up, down = weighted_svd(w, ev.sqrt(), rank, balance="left", solver=cfg.svd_solver, seed=seed)
+            out[f"self_attn.{proj}_proj.down.weight"] = down.contiguous()
+            out[f"self_attn.{proj}_proj.up.weight"] = up.contiguous()
+            if s.qkv_bias:
+                out[f"self_attn.{proj}_proj.up.bias"] = weights[f"self_attn.{proj}_proj.bias"]
+
+        wv, wo = weights["self_attn.v_proj.weight"], weights["self_attn.o_proj.weight"]
+        eo = self._survey[layer_idx]["o_out_energy"].to(wo.device)
+        ond = exact_ond_transform if cfg.exact_ond else fast_ond_rotation
+        wv_r, wo_r, T = ond(wv, wo, eo, hpg, h, solver=cfg.svd_solver, seed=seed)
+        bv = None
+        if s.qkv_bias:  # v' = v T, so b' = b T per group
+            bv = (weights["self_attn.v_proj.bias"].float().reshape(-1, 1, h) @ T).reshape(-1)
+        keep_v = keep_lowest_dropped(value_scores(wv_r, wo_r, ev, observer.o_grams, T, hpg), h - p.v_head_dim)
+        wv_s, wo_s, bv_s = slice_values(wv_r, wo_r, keep_v, hpg, bv)
+        out["self_attn.v_proj.weight"] = wv_s.to(wv.dtype)
+        out["self_attn.o_proj.weight"] = wo_s.to(wo.dtype)
+        if bv_s is not None:
+            out["self_attn.v_proj.bias"] = bv_s.to(wv.dtype)
+        if s.o_bias:
+            out["self_attn.o_proj.bias"] = weights["self_attn.o_proj.bias"]
+
+        gate, upw, down = (weights[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        kept, pruned = ffn_split(ffn_scores(gate, upw, down, ex, eh), p.n_keep_least, p.n_ffn_pruned)
+        out["mlp.gate_proj.weight"] = gate[kept].contiguous()
+        out["mlp.up_proj.weight"] = upw[kept].contiguous()
+        out["mlp.down_proj.weight"] = down[:, kept].contiguous()
+        if spec.bypass_rank:  # zero bypass until refine() fits it
+            d, r = s.hidden_size, spec.bypass_rank
+            out["mlp.bypass.down.weight"] = torch.zeros(r, d, dtype=down.dtype, device=down.device)
+            out["mlp.bypass.up.weight"] = torch.zeros(d, r, dtype=down.dtype, device=down.device)
+            self._lc_pending[layer_idx] = (pruned, down[:, pruned].contiguous())
+
+        info = {"q_rank": p.q_rank, "k_rank": p.k_rank, "v_head_dim": p.v_head_dim,
+                "ffn_kept": int(kept.numel()), "lc": bool(spec.bypass_rank), "ond": "exact" if cfg.exact_ond else "fast"}
+        decision = Decision(spec, out, info)
+        decision.validate(layer_idx)
+        return decision
+
+    def refine(self, layer_idx: int, decision: Decision, observer: _LCObserver | None) -> Decision:
+        if observer is None:
+            return decision
+        self._lc_pending.pop(layer_idx, None)
+        m = observer.moments
+        m.check_finite(f"olica LC statistics of layer {layer_idx}")
+        fit = linear_calibration(m.n, m.sx, m.xtx, m.xty, m.sy, m.syy_diag, self.config.percdamp,
+                                 decision.spec.bypass_rank, solver=self.config.svd_solver, seed=layer_idx)
+        dtype = decision.tensors["mlp.down_proj.weight"].dtype
+        tensors = dict(decision.tensors)
+        tensors["mlp.bypass.down.weight"] = fit.A.T.contiguous().to(dtype)  # (r, d): x ↦ x A
+        tensors["mlp.bypass.up.weight"] = fit.B.T.contiguous().to(dtype)  # (d, r): z ↦ z B
+        info = {**decision.info, "lc_lambda": fit.lam, "lc_rho_mean": float(fit.rho.mean())}
+        refined = Decision(decision.spec, tensors, info)
+        refined.validate(layer_idx)
+        return refined

@@ -1,0 +1,60 @@
+"""Plain in-memory reference pruner: the whole model in RAM, the whole batch at once.
+
+Drives a method through the same interface as the streaming engine but with no shards,
+no disk cache and no chunking, so "streamed == in-memory" tests the streaming plumbing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from streamprune.adapters import open_model
+from streamprune.adapters.llama import DecoderLayer
+from streamprune.observers import observing
+
+
+@torch.no_grad()
+def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
+    """Returns the list of decisions (one per layer), pruning sequentially."""
+    adapter = open_model(folder)
+    shapes = adapter.shapes()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    rotary = model.model.rotary_emb
+    pos = torch.arange(tokens.shape[1])[None]
+    hidden = model.model.embed_tokens(tokens)
+    pe = rotary(hidden, pos)
+    if method.needs_survey:
+        results, h = [], hidden
+        for i, hf_layer in enumerate(model.model.layers):
+            layer = DecoderLayer(hf_layer)
+            weights = dict(hf_layer.state_dict())
+            obs = method.survey_observer(i, weights)
+            with observing(layer, obs):
+                h = layer(h, pe)
+            results.append(method.survey_result(i, obs))
+        method.plan(shapes, survey=results)
+    decisions = []
+    for i, hf_layer in enumerate(model.model.layers):
+        layer = DecoderLayer(hf_layer)
+        weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
+        obs = method.observer(i, "A", weights)
+        with observing(layer, obs):
+            layer(hidden, pe)
+        decision = method.decide(i, weights, obs)
+        if method.needs_pass_b:
+            staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
+            obs_b = method.observer(i, "B", decision.tensors)
+            with observing(staged, obs_b):
+                staged(hidden, pe)
+            decision = method.refine(i, decision, obs_b)
+        pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
+        hidden = pruned(hidden, pe)
+        decisions.append(decision)
+    return decisions
+
+
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()

@@ -1,0 +1,66 @@
+"""Tiny random Llama-family checkpoints built in-process (unit tests, no downloads).
+
+``make_tiny_model(folder, arch)`` writes a sharded safetensors checkpoint (>= 3 shards,
+with ``model.safetensors.index.json``), its config and a small byte-level BPE tokenizer
+trained on the bundled WikiText-2 text.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1] / "streamprune" / "data"
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (DATA / "wikitext2" / "test.txt").read_text()[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128, tie: bool = False):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    return cls(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+    )
+
+
+def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, shards: int = 3, **kw) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = tiny_config(arch, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default weights so layers matter for the logits
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 1.0 / math.sqrt(p.shape[1]))
+            elif "bias" in name:
+                p.normal_(0, 0.02)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size=max(total // (shards + 1), 1))
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
