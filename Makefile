@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/streamprune demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: install
 	$(PY) benchmarks/bench_layers.py --config smollm2 --layers 4

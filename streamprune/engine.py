@@ -7,9 +7,9 @@ write / commit, then finalize and publish. See ``../shared/spec/ARCHITECTURE.md`
 
 from __future__ import annotations
 
-import json
+import errno
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -18,10 +18,14 @@ from . import __version__, atomic, writer
 from .activations import ActivationCache
 from .adapters import open_model
 from .checkpoint import file_sha256
-from .config import PruneConfig, resolve_device, resolve_dtype
+from . import preflight
+from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
+from .errors import ConfigError, StreamPruneError
+from .faults import crash_point
+from .interrupts import graceful_stop
 from .journal import RunDir, digest
 from .methods import build_method
-from .profile import GiB, LayerProfile, append_line, peak_rss_bytes, rss_bytes
+from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
 from .stream import embed_to_boundary, observe, position_embeddings, propagate
 from .textdata import calibration_windows, resolve_text_source
 
@@ -32,14 +36,14 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype) -> dict:
+def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int) -> dict:
     return {
         "source": adapter.reader.fingerprint(),
         "method": method.config_dict(),
         "calibration": {"source": cfg.calib, "sha256": calib_digest, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
         "dtype": str(dtype),
         "device_type": device.type,
-        "chunk_rows": cfg.chunk_rows,
+        "chunk_rows": chunk_rows,
         "version": __version__,
     }
 
@@ -49,8 +53,6 @@ def plan(cfg: PruneConfig):
     adapter = open_model(cfg.source)
     shapes = adapter.shapes()
     if cfg.seqlen > shapes.max_position_embeddings:
-        from .errors import ConfigError
-
         raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {shapes.max_position_embeddings}")
     method = build_method(cfg.method, cfg.ratio, cfg.method_options)
     method.plan(shapes, survey=None)
@@ -71,23 +73,50 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
     return results
 
 
-@torch.no_grad()
+@contextmanager
+def disk_errors(where: str, run: RunDir):
+    """Turn a full disk into an actionable message; the journal makes the retry clean."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StreamPruneError(
+                f"disk full while writing {where} under {run.root}; free space (or move --work-dir) "
+                "and run the same command again to resume"
+            ) from e
+        raise
+
+
 def prune(cfg: PruneConfig) -> dict:
-    """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output)."""
+    """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
+
+    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``)."""
+    with graceful_stop() as stop:
+        return _prune(cfg, stop)
+
+
+@torch.no_grad()
+def _prune(cfg: PruneConfig, stop) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    gpu_budget = parse_size(cfg.max_gpu_memory)
     adapter, shapes, method, specs = plan(cfg)
+    chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
+    fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
+                            device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey)
     tokenizer = load_tokenizer(cfg.source)
     source = resolve_text_source(cfg.calib)
     run = RunDir(cfg.run_dir)
-    fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype)
+    fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype, chunk_rows)
     done = writer.finished_report(cfg.out, digest(fp))
     if done is not None and not cfg.fresh:
         return {**done, "out": str(cfg.out), "already_complete": True}
     writer.check_output_target(cfg.out, digest(fp))
     if cfg.dry_run:
-        return {"dry_run": True, "achieved_ratio": shapes.achieved_ratio(specs), "params_dense": shapes.total_params(), "params_pruned": shapes.total_params(specs)}
+        return {"dry_run": True, **fc.as_dict()}
+    preflight.check(fc, device, gpu_budget)
+    preflight.cap_gpu(device, gpu_budget)
 
     records = run.open(fp, fresh=cfg.fresh)
     run.verify(records)
@@ -104,24 +133,27 @@ def prune(cfg: PruneConfig) -> dict:
         if survey is None:
             tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
             survey_cache = ActivationCache(run.acts / "survey")
-            embed_to_boundary(survey_cache, tokens, embed, cfg.chunk_rows, dtype)
+            embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
             survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress)
             survey_cache.clear()
-            run.save_survey(survey)
+            with disk_errors("the survey results", run):
+                run.save_survey(survey)
         method.plan(shapes, survey=survey)
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
     start = max(committed) + 1 if committed else 0
     if start == 0 and not cache.is_complete(0):
         tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
-        embed_to_boundary(cache, tokens, embed, cfg.chunk_rows, dtype)
+        with disk_errors("the calibration activations", run):
+            embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
     if start < shapes.num_layers and not cache.is_complete(start):
-        raise RuntimeError(f"activation boundary {start} is missing from {run.acts}; rerun with --fresh")
+        raise StreamPruneError(f"activation boundary {start} is missing from {run.acts}; rerun with --fresh")
     out_specs = [None] * shapes.num_layers
     for i, rec in committed.items():
         out_specs[i] = type(specs[0]).from_dict(rec["spec"])
 
     # ---- the layer loop ---------------------------------------------------------------
+    done_s: list[float] = []
     bar = tqdm(range(start, shapes.num_layers), desc="prune", initial=start, total=shapes.num_layers, disable=not cfg.progress)
     for i in bar:
         prof = LayerProfile(i, device)
@@ -133,6 +165,7 @@ def prune(cfg: PruneConfig) -> dict:
         with prof.phase("forward"):
             obs = method.observer(i, "A", weights)
             observe(dense, cache, i, pe, obs, device)
+            crash_point(f"observe:{i}")
         with prof.phase("decide"):
             decision = method.decide(i, weights, obs)
         if method.needs_pass_b:
@@ -143,25 +176,30 @@ def prune(cfg: PruneConfig) -> dict:
             with prof.phase("decide"):
                 decision = method.refine(i, decision, obs_b)
         decision.validate(i)
-        with prof.phase("forward"):
+        with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
             pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
             propagate(pruned, cache, i, pe, device)
-        with prof.phase("write"):
+        with prof.phase("write"), disk_errors(f"layer {i}", run):
             fname, nbytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
+            crash_point(f"written:{i}")
             run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
+            crash_point(f"committed:{i}")
             cache.drop(i)
         out_specs[i] = decision.spec
         del weights, dense, pruned, decision
-        rec = prof.record(bytes_read=adapter.reader.bytes_read + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + nbytes)
+        done_s.append(time.perf_counter() - prof.start)
+        eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
+        rec = prof.record(bytes_read=adapter.reader.bytes_read + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + nbytes, eta_s=round(eta, 1))
         append_line(run.profile_path, rec)
         bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
+        stop.check(f"after committing layer {i}")
     bar.close()
 
     # ---- finalize ------------------------------------------------------------------------
-    outer_names = sorted(outer)
-    writer.save_outer(run.staging, outer, storage_dtype)
-    layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
-    writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, outer_names, storage_dtype)
+    with disk_errors("the output folder", run):
+        writer.save_outer(run.staging, outer, storage_dtype)
+        layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
+        writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype)
     report = {
         "method": method.config_dict(),
         "requested_ratio": cfg.ratio,
@@ -177,12 +215,14 @@ def prune(cfg: PruneConfig) -> dict:
     }
     # Volatile facts (time, memory) go to the run directory, not into the output bytes,
     # so a resumed run's output is byte-identical to an uninterrupted one.
-    timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start}
+    timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start, "forecast": fc.as_dict()}
     if device.type == "cuda":
         timing["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     # The report's "run" block (time, peaks) is the only part of the output that may
     # differ between an uninterrupted and a resumed run; every other byte is identical.
-    atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
+    with disk_errors("the output folder", run):
+        atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
+    crash_point("finalize")
     writer.publish(run.staging, cfg.out)
     if not cfg.keep_work:
         cache.clear()

@@ -292,6 +292,18 @@ def test_choose_solver_rule():
     assert choose_solver(8192, 28672, 2048, "cuda") == "randomized"
 
 
+def test_svd_rank_deficient_and_tiny_matrices():
+    g = gen(20)
+    a = torch.randn(10, 2, generator=g) @ torch.randn(2, 6, generator=g)  # rank 2
+    for solver in ("full", "gram", "randomized"):  # randomized: sketch ≥ min(m, n) → exact
+        U, S, Vh = truncated_svd(a, 4, solver=solver)
+        assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+        assert rel_err((U * S) @ Vh, a) < 1e-5
+        # zero σ come out as zero, except through the Gram matrix: ~sqrt(ε_fp32)·σ₁ (documented)
+        tiny = 1e-3 if solver == "gram" else 1e-5
+        assert float(S[2:].abs().max()) < tiny * float(S[0])
+
+
 def test_truncated_svd_errors():
     with pytest.raises(ValueError, match="rank"):
         truncated_svd(torch.randn(5, 4), 5)

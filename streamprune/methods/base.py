@@ -108,6 +108,11 @@ class Method:
     def refine(self, layer_idx: int, decision: Decision, observer: Observer | None) -> Decision:
         return decision
 
+    def workspace_bytes(self, shapes: ModelShapes) -> int:
+        """Forecast of the method's device memory for statistics and factorisations
+        (preflight). Default: four fp32 d x max(d, f) matrices (an SVD's U, S, V, copy)."""
+        return 4 * 4 * shapes.hidden_size * max(shapes.hidden_size, shapes.intermediate_size)
+
     def config_dict(self) -> dict:
         from dataclasses import asdict
 

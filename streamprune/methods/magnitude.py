@@ -17,6 +17,7 @@ from ..errors import RatioError
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 from .base import Decision, Method
+from .channels import slice_ffn
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,6 @@ def keep_indices(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Indices of the channels kept (ascending), dropping the ``n_prune`` lowest scores."""
     order = torch.argsort(scores, stable=True)
     return torch.sort(order[n_prune:]).values
-
-
-def slice_ffn(weights: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = dict(weights)
-    out["mlp.gate_proj.weight"] = weights["mlp.gate_proj.weight"][keep].contiguous()
-    out["mlp.up_proj.weight"] = weights["mlp.up_proj.weight"][keep].contiguous()
-    out["mlp.down_proj.weight"] = weights["mlp.down_proj.weight"][:, keep].contiguous()
-    return out
 
 
 class Magnitude(Method):

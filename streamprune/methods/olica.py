@@ -163,10 +163,11 @@ def budget_split(shapes: ModelShapes, ratio: float, k: float, lc_params: int) ->
     if not 0.0 <= s_mlp <= _MAX_S_MLP:
         ranges = reachable_ratios(shapes, k, lc_params)
         where = " ∪ ".join(f"[{a:.3f}, {b:.3f}]" for a, b in ranges) or "none"
+        why = (f"Q/K would keep no rank (s_qk = {s_qk:.3f})" if math.isinf(s_mlp) else
+               f"the FFN would have to lose {s_mlp:.1%} of its channels (allowed 0–{_MAX_S_MLP:.0%})")
         raise RatioError(
-            f"--ratio {ratio} is unreachable with method olica on this model: the FFN would have to "
-            f"lose {s_mlp:.1%} of its channels (allowed 0–{_MAX_S_MLP:.0%}). Reachable ratios (k={k}, "
-            f"LC bypass {lc_params} params): {where}. Change --ratio."
+            f"--ratio {ratio} is unreachable with method olica on this model: {why}. Reachable ratios "
+            f"(k={k}, LC bypass {lc_params} params): {where}. Change --ratio (or --k / mlp_num)."
         )
     return s_qk, s_vo, s_mlp
 

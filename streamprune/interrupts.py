@@ -1,0 +1,50 @@
+"""SIGINT / SIGTERM: stop at the next safe point (after a layer commit), never mid-write.
+
+A second signal while stopping raises ``KeyboardInterrupt`` at once (the journal still
+guarantees a clean resume: only committed layers count).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+from .errors import StreamPruneError
+
+
+class Interrupted(StreamPruneError):
+    """Raised at a safe point after SIGINT/SIGTERM."""
+
+    exit_code = 130
+
+
+class StopFlag:
+    def __init__(self):
+        self.signum: int | None = None
+
+    def check(self, where: str) -> None:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"stopped by {name} {where}; run the same command again to resume")
+
+
+@contextmanager
+def graceful_stop():
+    """Install handlers (main thread only) that set a flag checked at safe points."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.signum is not None:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,130 @@
+"""Preflight: from shapes alone, before any heavy work.
+
+Parameter counts and the achieved ratio of the plan; GPU and CPU memory forecast for the
+largest layer and chunk; disk needed (output + two activation boundaries + survey
+scratch) against free space. ``--dry-run`` stops here; a budget that does not fit stops
+the run with the number and the flag to change.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, StreamPruneError
+from .profile import GiB, rss_bytes
+from .shapes import ModelShapes
+from .spec import LayerSpec
+
+# Working-set model of one forward chunk, in elements per token (fp32 where noted):
+# attention q/k/v/o outputs + MLP gate, up, act product + residual copies.
+_ACT_FACTOR_D = 8  # ~8 d-wide tensors alive per token
+_ACT_FACTOR_F = 3  # gate, up, act(gate)*up
+
+
+@dataclass(frozen=True)
+class Forecast:
+    params_dense: int
+    params_pruned: int
+    achieved_ratio: float
+    chunk_rows: int
+    layer_bytes: int  # one dense layer's weights in the compute dtype
+    chunk_bytes: int  # one activation chunk
+    device_bytes: int  # peak on the compute device (GPU, or CPU when --device cpu)
+    cpu_bytes: int  # peak process RSS
+    disk_bytes: int
+    disk_free_bytes: int
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update({k.replace("_bytes", "_GiB"): round(v / GiB, 3) for k, v in d.items() if k.endswith("_bytes")})
+        return d
+
+
+def _layer_bytes(spec: LayerSpec, itemsize: int) -> int:
+    return spec.num_params() * itemsize
+
+
+def device_peak(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int, workspace: int) -> int:
+    """Bytes on the compute device at the peak of a layer: dense + pruned weights, the
+    embedding (boundary 0), one chunk in and out, forward intermediates, method statistics."""
+    dense = _layer_bytes(shapes.dense_spec(), itemsize)
+    tokens = chunk_rows * seqlen
+    chunk = tokens * shapes.hidden_size * itemsize
+    inter = tokens * (_ACT_FACTOR_D * shapes.hidden_size + _ACT_FACTOR_F * shapes.intermediate_size) * 4
+    scores = chunk_rows * shapes.num_heads * seqlen * seqlen * 4  # attention probabilities (math kernel)
+    embed = shapes.vocab_size * shapes.hidden_size * itemsize
+    return 2 * dense + embed + 2 * chunk + inter + scores + workspace
+
+
+def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seqlen: int, chunk_rows: int,
+             dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool) -> Forecast:
+    itemsize = dtype.itemsize
+    dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
+    host_layer = _layer_bytes(shapes.dense_spec(), 4)  # tensors as read (storage dtype <= fp32)
+    base = rss_bytes()
+    cpu = base + host_layer + (dev if device.type == "cpu" else 2 * chunk_rows * seqlen * shapes.hidden_size * itemsize)
+    boundary = nsamples * seqlen * shapes.hidden_size * itemsize
+    output = shapes.total_params(specs) * 4
+    disk = output + 2 * boundary + (boundary if survey else 0)
+    probe = work_dir
+    while not probe.exists():
+        probe = probe.parent
+    return Forecast(
+        params_dense=shapes.total_params(),
+        params_pruned=shapes.total_params(specs),
+        achieved_ratio=shapes.achieved_ratio(specs),
+        chunk_rows=chunk_rows,
+        layer_bytes=_layer_bytes(shapes.dense_spec(), itemsize),
+        chunk_bytes=chunk_rows * seqlen * shapes.hidden_size * itemsize,
+        device_bytes=dev,
+        cpu_bytes=cpu,
+        disk_bytes=disk,
+        disk_free_bytes=shutil.disk_usage(probe).free,
+    )
+
+
+def fit_chunk_rows(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int, workspace: int, budget: int | None) -> int:
+    """Largest chunk (<= the requested one) whose device peak fits ``budget``."""
+    if budget is None:
+        return chunk_rows
+    rows = chunk_rows
+    while rows > 1 and device_peak(shapes, rows, seqlen, itemsize, workspace) > budget:
+        rows //= 2
+    need = device_peak(shapes, rows, seqlen, itemsize, workspace)
+    if need > budget:
+        raise StreamPruneError(
+            f"one layer needs {need / GiB:.2f} GiB on the device even with 1 sequence per chunk, over "
+            f"--max-gpu-memory {budget / GiB:.2f} GiB; raise --max-gpu-memory or lower --seqlen"
+        )
+    return rows
+
+
+def check(fc: Forecast, device: torch.device, gpu_budget: int | None) -> None:
+    """Refuse to start when a budget is exceeded."""
+    if fc.disk_bytes > fc.disk_free_bytes:
+        raise StreamPruneError(
+            f"the run needs {fc.disk_bytes / GiB:.2f} GiB of disk (output + activation boundaries) but the work dir "
+            f"has {fc.disk_free_bytes / GiB:.2f} GiB free; point --work-dir at a larger disk or lower --nsamples"
+        )
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = min(total, gpu_budget or total)
+        if fc.device_bytes > cap:
+            raise StreamPruneError(
+                f"forecast GPU peak {fc.device_bytes / GiB:.2f} GiB exceeds {cap / GiB:.2f} GiB; "
+                "lower --chunk-tokens or raise --max-gpu-memory"
+            )
+
+
+def cap_gpu(device: torch.device, budget: int | None) -> None:
+    """Emulate a smaller card: per-process memory fraction of the device."""
+    if budget is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget > total:
+        raise ConfigError(f"--max-gpu-memory {budget / GiB:.2f} GiB exceeds the device's {total / GiB:.2f} GiB")
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
