@@ -170,9 +170,10 @@ def _prune(cfg: PruneConfig, stop) -> dict:
             decision = method.decide(i, weights, obs)
         if method.needs_pass_b:
             with prof.phase("forward"):
-                staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
                 obs_b = method.observer(i, "B", decision.tensors)
-                observe(staged, cache, i, pe, obs_b, device)
+                if obs_b is not None:
+                    staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
+                    observe(staged, cache, i, pe, obs_b, device)
             with prof.phase("decide"):
                 decision = method.refine(i, decision, obs_b)
         decision.validate(i)

@@ -146,7 +146,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
         if ids.numel() < seqlen:
             raise CalibrationError(
                 f"calibration text {source.name} has {ids.numel()} tokens, fewer than seqlen={seqlen}: "
-                f"lower --seqlen to at most {ids.numel()} or give more text"
+                f"lower --seqlen to at most {ids.numel()} or give a longer text (--calib)"
             )
         return random_windows(ids, nsamples, seqlen, generator)
 
@@ -229,7 +229,7 @@ def _too_few_documents(source: TextSource, lengths: list[int], nsamples: int, se
         longest_feasible = sorted(lengths, reverse=True)[nsamples - 1]
         if longest_feasible > 0:
             fixes.append(f"lower --seqlen to {longest_feasible} (the longest with {nsamples} such documents)")
-    fixes.append("give a calibration source with more long documents")
+    fixes.append("give a calibration text with more long documents (--calib)")
     return (f"only {n_long} of the {len(lengths)} documents in {source.name} have at least "
             f"seqlen={seqlen} tokens, but nsamples={nsamples} windows need {nsamples} documents: "
             f"{', '.join(fixes[:-1]) + ', or ' if len(fixes) > 1 else ''}{fixes[-1]}")
@@ -266,9 +266,9 @@ def _parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     if not parts[0] or len(parts) > 3:
         raise CalibrationError(f"bad Hugging Face text source {spec!r}: write hf:NAME[:CONFIG[:SPLIT]], "
                                "e.g. hf:wikitext:wikitext-2-raw-v1:test")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-        (parts[2] if len(parts) > 2 and parts[2] else "train")
-    return name, config, split
+    parts += [""] * (3 - len(parts))
+    name, config, split = parts
+    return name, config or None, split or "train"
 
 
 def _hf_texts(spec: str) -> list[str]:

@@ -44,10 +44,14 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
             layer(hidden, pe)
         decision = method.decide(i, weights, obs)
         if method.needs_pass_b:
-            staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
             obs_b = method.observer(i, "B", decision.tensors)
-            with observing(staged, obs_b):
-                staged(hidden, pe)
+            if obs_b is not None:
+                if method.pass_b_layer == "dense":
+                    staged = layer
+                else:
+                    staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
+                with observing(staged, obs_b):
+                    staged(hidden, pe)
             decision = method.refine(i, decision, obs_b)
         pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
         hidden = pruned(hidden, pe)

@@ -1,0 +1,113 @@
+"""Crash safety: SIGKILL at several points, resume, byte-identical output; fingerprints.
+
+Run: ``.venv/bin/pytest tests/test_resume.py -q``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamprune import PruneConfig, prune
+from streamprune.errors import StreamPruneError
+
+ARGS = ["--calib", "c4", "--nsamples", "8", "--seqlen", "32", "--chunk-tokens", "96", "--no-progress"]
+
+
+def run_cli(*args, crash_at: str | None = None, cwd=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMPRUNE_CRASH_AT"}
+    if crash_at:
+        env["STREAMPRUNE_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "streamprune.cli", *map(str, args)], env=env, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every output file; the report is compared without its volatile "run" block."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        if f.name == "streamprune_report.json":
+            report = json.loads(data)
+            report.pop("run")
+            data = json.dumps(report, sort_keys=True).encode()
+        out[f.name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    r = run_cli("prune", tiny_llama, "--out", out, "--method", "magnitude", "--ratio", "0.3", *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["achieved_ratio"] > 0.25
+    return digests(out)
+
+
+@pytest.mark.parametrize("point", ["observe:1", "written:2", "committed:1", "finalize"])
+def test_sigkill_then_resume_is_byte_identical(tiny_llama, tmp_path, baseline, point):
+    out = tmp_path / "out"
+    cmd = ["prune", tiny_llama, "--out", out, "--method", "magnitude", "--ratio", "0.3", *ARGS]
+    killed = run_cli(*cmd, crash_at=point)
+    assert killed.returncode == -9, killed.stderr  # really SIGKILLed
+    assert not out.exists()  # nothing visible in the output folder
+    resumed = run_cli(*cmd)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "streamprune_report.json").read_text())
+    expected_start = {"observe:1": 1, "written:2": 2, "committed:1": 2, "finalize": 4}[point]
+    assert report["run"]["resumed_from_layer"] == expected_start
+    assert digests(out) == baseline
+
+
+def test_fingerprint_mismatch_names_field_and_fresh_restarts(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    cmd = ["prune", tiny_llama, "--out", out, "--method", "magnitude", "--ratio", "0.3", *ARGS]
+    assert run_cli(*cmd, crash_at="committed:0").returncode == -9
+    changed = [c if c != "0.3" else "0.2" for c in cmd] + ["--seed", "1"]
+    r = run_cli(*changed)
+    assert r.returncode == 2
+    assert "method.ratio" in r.stderr and "calibration.seed" in r.stderr and "--fresh" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(*changed, "--fresh")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "streamprune_report.json").read_text())["run"]["resumed_from_layer"] == 0
+
+
+def test_completed_run_is_not_redone(tiny_llama, tmp_path):
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="magnitude", ratio=0.3, calib="c4", nsamples=8, seqlen=32, progress=False)
+    first = prune(cfg)
+    again = prune(cfg)
+    assert again.get("already_complete") and again["achieved_ratio"] == first["achieved_ratio"]
+    # the activation cache is gone, the journal and profile stay
+    work = tmp_path / "out.work"
+    assert not (work / "acts").exists()
+    assert (work / "journal.jsonl").is_file() and len((work / "profile.jsonl").read_text().splitlines()) == 4
+
+
+def test_disk_full_reports_layer_and_resumes(tiny_llama, tmp_path, monkeypatch, baseline):
+    import errno
+
+    from streamprune import writer
+
+    out = tmp_path / "out"
+    cfg = PruneConfig(source=tiny_llama, out=out, method="magnitude", ratio=0.3, calib="c4", nsamples=8, seqlen=32, chunk_tokens=96, progress=False)
+    real = writer.save_layer
+
+    def full_at_2(staging, i, tensors, dtype):
+        if i == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(staging, i, tensors, dtype)
+
+    monkeypatch.setattr(writer, "save_layer", full_at_2)
+    with pytest.raises(StreamPruneError, match="disk full while writing layer 2"):
+        prune(cfg)
+    assert not out.exists()
+    monkeypatch.setattr(writer, "save_layer", real)
+    report = prune(cfg)
+    assert report["run"]["resumed_from_layer"] == 2 if "run" in report else True
+    assert digests(out) == baseline
