@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_demo(sub)
     sub.add_parser("demo-model", help="convert (once) and print the demo model folder")
+    p = sub.add_parser("inspect", help="print the state of a run directory (works on a crashed run)")
+    p.add_argument("work_dir", type=Path)
     args = parser.parse_args(argv)
     try:
         result = _run(args)
     except StreamPruneError as e:
         print(f"streamprune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # a second Ctrl-C: immediate stop; committed layers still count
         print("streamprune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     print(json.dumps(result, sort_keys=True))
@@ -111,6 +113,10 @@ def _run(args) -> dict:
         from .demo import run_demo
 
         return run_demo(method=args.method, ratio=args.ratio, full=args.full, out=args.out, nsamples=args.nsamples)
+    if args.command == "inspect":
+        from .inspect_run import inspect_run
+
+        return inspect_run(args.work_dir)
     if args.command == "demo-model":
         from .demo_model import ensure_demo_model
 

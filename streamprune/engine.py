@@ -20,7 +20,7 @@ from .adapters import open_model
 from .checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
-from .errors import ConfigError, StreamPruneError
+from .errors import ConfigError, NumericalError, StreamPruneError
 from .faults import crash_point
 from .interrupts import graceful_stop
 from .journal import RunDir, digest
@@ -87,6 +87,15 @@ def disk_errors(where: str, run: RunDir):
         raise
 
 
+def check_finite(layer: int, decision) -> None:
+    for name, t in decision.tensors.items():
+        if not torch.isfinite(t).all():
+            raise NumericalError(
+                f"layer {layer}: NaN/Inf in the pruned {name.rsplit('.', 1)[0]} ({name}); the statistics "
+                "overflowed or are degenerate: use --dtype float32 and/or more --nsamples"
+            )
+
+
 def prune(cfg: PruneConfig) -> dict:
     """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
 
@@ -118,7 +127,8 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     preflight.check(fc, device, gpu_budget)
     preflight.cap_gpu(device, gpu_budget)
 
-    records = run.open(fp, fresh=cfg.fresh)
+    job = {"source": str(cfg.source), "out": str(cfg.out), "num_layers": shapes.num_layers, "command": cfg.method}
+    records = run.open(fp, fresh=cfg.fresh, job=job)
     run.verify(records)
     committed = run.committed_layers(records)
     cache = ActivationCache(run.acts)
@@ -177,6 +187,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
             with prof.phase("decide"):
                 decision = method.refine(i, decision, obs_b)
         decision.validate(i)
+        check_finite(i, decision)
         with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
             pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
             propagate(pruned, cache, i, pe, device)

@@ -58,7 +58,7 @@ class RunDir:
         self.staging = self.root / "staging"
 
     # ---- opening ------------------------------------------------------------------------
-    def open(self, fingerprint: dict, fresh: bool) -> list[dict]:
+    def open(self, fingerprint: dict, fresh: bool, job: dict | None = None) -> list[dict]:
         """Create or resume; returns the journal records of a resumed run ([] if new)."""
         if fresh and self.root.exists():
             import shutil
@@ -78,11 +78,26 @@ class RunDir:
         for stale in (self.journal_path, self.survey_path, self.profile_path):
             stale.unlink(missing_ok=True)
         self.staging.mkdir(exist_ok=True)
-        atomic.write_json(self.manifest_path, {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint)})
+        manifest = {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint), "job": job or {}}
+        atomic.write_json(self.manifest_path, manifest)
         return []
 
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
     def fingerprint_sha256(self) -> str:
-        return json.loads(self.manifest_path.read_text())["fingerprint_sha256"]
+        return self.manifest()["fingerprint_sha256"]
+
+    def profile(self) -> list[dict]:
+        if not self.profile_path.is_file():
+            return []
+        out = []
+        for line in self.profile_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # torn last line of a crashed run
+        return out
 
     # ---- journal ------------------------------------------------------------------------
     def records(self) -> list[dict]:

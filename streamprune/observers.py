@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .errors import NumericalError
 from .methods.base import Observer
 
 
@@ -25,6 +26,11 @@ def observing(layer, observer: Observer | None):
                 def hook(module, args, kwargs, output, tap=tap):
                     x = args[0] if args else kwargs["hidden_states"]
                     y = output[0] if isinstance(output, tuple) else output
+                    if not torch.isfinite(x).all():
+                        raise NumericalError(
+                            f"NaN/Inf in the input of module {tap} (layer {layer.index}); use --dtype float32 "
+                            "or check the checkpoint's weights"
+                        )
                     observer.update(tap, _flat(x), _flat(y))
 
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))

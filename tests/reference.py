@@ -28,7 +28,7 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
     if method.needs_survey:
         results, h = [], hidden
         for i, hf_layer in enumerate(model.model.layers):
-            layer = DecoderLayer(hf_layer)
+            layer = DecoderLayer(hf_layer, i)
             weights = dict(hf_layer.state_dict())
             obs = method.survey_observer(i, weights)
             with observing(layer, obs):
@@ -37,7 +37,7 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
         method.plan(shapes, survey=results)
     decisions = []
     for i, hf_layer in enumerate(model.model.layers):
-        layer = DecoderLayer(hf_layer)
+        layer = DecoderLayer(hf_layer, i)
         weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
         obs = method.observer(i, "A", weights)
         with observing(layer, obs):

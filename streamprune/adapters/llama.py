@@ -54,9 +54,10 @@ TAPS = {
 class DecoderLayer(nn.Module):
     """One decoder layer with the engine's calling convention: ``(hidden, (cos, sin)) -> hidden``."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, index: int = -1):
         super().__init__()
         self.inner = inner
+        self.index = index
 
     def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=None)
@@ -138,7 +139,9 @@ class LlamaFamilyAdapter:
         names = self.reader.names_with_prefix(prefix)
         if not names:
             raise CheckpointError(f"no tensors for layer {i} ({prefix}*) in {self.reader.folder}")
-        return {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+        tensors = {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+        check_tensors(self.skeleton(i), tensors, f"layer {i} of {self.reader.folder}")
+        return tensors
 
     def read_outer(self) -> dict[str, torch.Tensor]:
         """Embedding, final norm and (if untied) lm_head."""
@@ -161,7 +164,7 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer).eval()
+        return DecoderLayer(layer, i).eval()
 
     def build_pruned_layer(self, i: int, spec: LayerSpec, tensors: dict[str, torch.Tensor], device, dtype) -> DecoderLayer:
         """A pruned layer (our modeling class) from a decision's spec and tensors."""
@@ -170,7 +173,7 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"pruned layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer).eval()
+        return DecoderLayer(layer, i).eval()
 
     def rotary(self, device) -> nn.Module:
         if self.pruned:

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 METHODS = {
     "magnitude": ("streamprune.methods.magnitude", "Magnitude", "MagnitudeConfig"),
     "olica": ("streamprune.methods.olica", "Olica", "OlicaConfig"),
+    "slimllm": ("streamprune.methods.slimllm", "SlimLLM", "SlimLLMConfig"),
     "lorap": ("streamprune.methods.lorap", "LoRAP", "LoRAPConfig"),
 }
 

@@ -42,7 +42,8 @@ def ffn_channel_scores(gate: Tensor, up: Tensor, down: Tensor, ex: Tensor, eh: T
     if up.shape != (f, d) or down.shape != (d, f) or ex.shape != (d,) or eh.shape != (f,):
         raise ValueError(
             f"ffn_channel_scores: expected gate/up (f, d), down (d, f), ex (d,), eh (f,); got gate "
-            f"{tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}, ex {tuple(ex.shape)}, eh {tuple(eh.shape)}"
+            f"{tuple(gate.shape)}, up {tuple(up.shape)}, down {tuple(down.shape)}, "
+            f"ex {tuple(ex.shape)}, eh {tuple(eh.shape)}"
         )
     sx = ex.float().clamp_min(0).sqrt()  # (d,)
     sh = eh.float().clamp_min(0).sqrt().to(down.device)  # (f,)
@@ -62,7 +63,9 @@ def select_channels(scores: Tensor, n_prune: int, keep_least_frac: float = 0.01)
         raise ValueError(f"keep_least_frac must be in [0, 1), got {keep_least_frac}")
     n_least = math.floor(keep_least_frac * f)
     if not 0 <= n_prune <= f - n_least:
-        raise ValueError(f"n_prune must be in [0, f - floor(keep_least_frac·f)] = [0, {f - n_least}], got {n_prune}")
+        raise ValueError(
+            f"n_prune must be in [0, f - floor(keep_least_frac·f)] = [0, {f - n_least}], got {n_prune}"
+        )
     order = torch.argsort(scores, stable=True)
     kept = torch.cat([order[:n_least], order[n_least + n_prune:]])
     return torch.sort(kept).values

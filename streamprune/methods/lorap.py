@@ -20,8 +20,9 @@ Where this follows the released code, or resolves what the paper leaves open:
    pruned, so the model-wide reduction is below s (LLaMA-7B, s = 0.2: 19.2 %). Our
    ``--ratio`` is the total reduction (ratio contract): :func:`solve_fraction` bisects on
    s. The paper's LLaMA-7B ranks (20 %: Q/K 1228, V/O dense; 50 %: Q/K 512, V/O 1536)
-   are ``allocate_ranks`` at s = 0.2 and s = 0.5 exactly (the windows of s giving them
-   are (0.19995, 0.2002] and (0.49976, 0.5]); at ratio 0.2 the solver picks s ≈ 0.208.
+   are ``allocate_ranks`` at s = 0.2 and s = 0.5 exactly (only s in (0.19995, 0.20020)
+   and (0.49967, 0.5] give them); at ``--ratio 0.2`` the solver picks s ≈ 0.2081 (Q/K
+   rank 1195), at 0.5 s ≈ 0.5202 (Q/K 491, V/O 1473).
 2. *Budget → rank.* ALGORITHMS.md: budgets split inside each pair by matrix size and
    ``r = floor(R_m/(m+n))`` per matrix. For square MHA matrices this is the official
    ``k_max = int(k_att·2a/(1+a))``, ``k_min = int(k_att·2/(1+a))`` with
@@ -143,7 +144,9 @@ def fraction_is_feasible(shapes: ModelShapes, s: float, a: float, keep_least_fra
 def layer_spec(shapes: ModelShapes, s: float, a: float = 3.0, keep_least_frac: float = 0.01) -> LayerSpec:
     """The spec every layer gets at per-layer fraction ``s``."""
     if not fraction_is_feasible(shapes, s, a, keep_least_frac):
-        raise RatioError(f"LoRAP per-layer fraction s={s:.4f} leaves a rank-0 projection or an empty FFN; lower --ratio")
+        raise RatioError(
+            f"LoRAP per-layer fraction s={s:.4f} leaves a rank-0 projection or an empty FFN; lower --ratio"
+        )
     ranks = allocate_ranks(shapes, s, a)
     f = shapes.intermediate_size - ffn_prune_count(shapes.intermediate_size, s)
     return replace(shapes.dense_spec(), intermediate_size=f, **{f"{p}_rank": r for p, r in ranks.items()})
@@ -196,7 +199,8 @@ def solve_fraction(shapes: ModelShapes, ratio: float, a: float = 3.0, keep_least
 # ---- attention factorisation (tensors only) -----------------------------------------------
 
 
-def awsvd(w: Tensor, e: Tensor, rank: int, solver: str = "auto", seed: int = 0, floor: float = 1e-4) -> tuple[Tensor, Tensor]:
+def awsvd(w: Tensor, e: Tensor, rank: int, solver: str = "auto", seed: int = 0,
+          floor: float = 1e-4) -> tuple[Tensor, Tensor]:
     """LoRAP AWSVD of ``w`` (m, n) with input energy ``e`` (n,) → ``(up (m, r), down (r, n))``.
 
     ``W D = U S Vᵀ``, ``D = diag(sqrt(e))``; ``up = U_r S_r^½``, ``down = S_r^½ V_rᵀ D⁻¹``.

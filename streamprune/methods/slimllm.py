@@ -149,24 +149,23 @@ def head_pools(num_heads: int, num_kv_heads: int) -> list[list[int]]:
 
 def heads_to_prune(r_l: float, num_heads: int, num_kv_heads: int) -> int:
     """Heads pruned per pool: ``round(r_l·H)`` (MHA) or ``round(r_l·H/G)`` per KV group."""
-    return round(r_l * (num_heads // num_kv_heads if num_heads != num_kv_heads else num_heads))
+    pool = num_heads if num_heads == num_kv_heads else num_heads // num_kv_heads
+    return round(r_l * pool)
 
 
 def ffn_to_prune(r_l: float, f: int, keep_least_frac: float) -> int:
     return min(round(r_l * f), f - math.floor(keep_least_frac * f) - 1)
 
 
-def layer_spec(shapes: ModelShapes, r_l: float, keep_least_frac: float) -> LayerSpec:
-    """The spec of a layer pruned at ratio ``r_l`` (the dense spec when nothing is pruned)."""
+def layer_spec(shapes: ModelShapes, r_heads: float, r_ffn: float, keep_least_frac: float) -> LayerSpec:
+    """The spec of a layer losing a fraction ``r_heads`` of its heads and ``r_ffn`` of its channels."""
     dense = shapes.dense_spec()
-    if r_l <= 0:
-        return dense
     H, G = shapes.num_heads, shapes.num_kv_heads
-    n = heads_to_prune(r_l, H, G)
+    n = heads_to_prune(r_heads, H, G)
     kv, hpg = (H - n, 1) if H == G else (G, H // G - n)
     if kv == 0 or hpg == 0:
         kv = hpg = 0
-    n_ffn = ffn_to_prune(r_l, shapes.intermediate_size, keep_least_frac)
+    n_ffn = ffn_to_prune(r_ffn, shapes.intermediate_size, keep_least_frac)
     return replace(dense, num_kv_heads=kv, heads_per_group=hpg, o_bias=dense.o_bias or n > 0,
                    intermediate_size=shapes.intermediate_size - n_ffn, down_bias=n_ffn > 0)
 
@@ -176,40 +175,58 @@ class SlimLLMPlan:
     alpha: float
     n_p: int
     r: float  # the solved knob: mean r_l over the N_p pruned layers
-    ratios: tuple[float, ...]  # r_l per layer
+    ffn_scale: float  # β: FFN channels use min(β·r_l, r_max); 1 unless heads alone miss (note 2)
+    ratios: tuple[float, ...]  # r_l per layer (heads)
+    ffn_ratios: tuple[float, ...]  # min(β·r_l, r_max) per layer (FFN channels)
     specs: tuple[LayerSpec, ...]
     achieved: float
     provisional: bool  # True until the survey's c_l are known (shapes-only plan)
 
 
+def _closest(fn, lo: float, hi: float, target: float) -> tuple[tuple, tuple]:
+    """Bisection on a knob x in [lo, hi]; ``fn(x)`` is a tuple whose last item, the achieved ratio,
+    is nondecreasing in x. Returns the results on either side of ``target``, the closer first."""
+    (xa, a), (xb, b) = (lo, fn(lo)), (hi, fn(hi))
+    if a[-1] < target < b[-1]:
+        for _ in range(60):  # achieved(a) < target <= achieved(b)
+            xm = (xa + xb) / 2
+            m = fn(xm)
+            (xa, a), (xb, b) = ((xm, m), (xb, b)) if m[-1] < target else ((xa, a), (xm, m))
+    return (a, b) if abs(a[-1] - target) < abs(b[-1] - target) else (b, a)
+
+
 def solve_plan(shapes: ModelShapes, cos: Sequence[float], target: float, alpha: float, n_p: int,
-               r_max: float, keep_least_frac: float) -> tuple[float, list[float], list[LayerSpec], float]:
-    """Bisection on r: ``(r, ratios, specs, achieved)`` with ``|achieved − target| <= 0.01``."""
+               r_max: float, keep_least_frac: float) -> tuple[float, float, list[float], list[float], list[LayerSpec], float]:
+    """``(r, β, ratios, ffn_ratios, specs, achieved)`` with ``|achieved − target| <= 0.01``.
 
-    def build(r: float):
+    First the paper's rule: one r_l per layer for heads and channels (β = 1), r by bisection.
+    When whole heads make every r miss by more than 0.01, the heads keep the r on either side
+    of the target and the FFN share β is solved instead (the side with β nearer 1 wins).
+    """
+
+    def build(r: float, beta: float) -> tuple:
         ratios = layer_ratios(cos, r, n_p, alpha, r_max)
-        specs = [layer_spec(shapes, x, keep_least_frac) for x in ratios]
-        return r, ratios, specs, shapes.achieved_ratio(specs)
+        ffn = [min(beta * x, r_max) for x in ratios]
+        specs = [layer_spec(shapes, x, y, keep_least_frac) for x, y in zip(ratios, ffn)]
+        return r, beta, ratios, ffn, specs, shapes.achieved_ratio(specs)
 
-    lo, hi = build(0.0), build(r_max)
-    if hi[3] < target - _TOL:
+    best, other = _closest(lambda r: build(r, 1.0), 0.0, r_max, target)
+    if abs(best[-1] - target) <= _TOL:
+        return best
+    found = []
+    for r, _, ratios, *_ in (best, other):
+        beta_max = max(1.0, r_max / min((x for x in ratios if x > 0), default=r_max))
+        got = _closest(lambda beta, r=r: build(r, beta), 0.0, beta_max, target)[0]
+        if abs(got[-1] - target) <= _TOL:
+            found.append(got)
+    if not found:
         raise RatioError(
             f"--ratio {target} is unreachable with method slimllm on this model: with {n_p} of "
-            f"{shapes.num_layers} layers pruned at most r_max={r_max} each, at most {hi[3]:.3f} of the "
-            "parameters can be removed. Lower --ratio, or raise --option n_p / r_max."
+            f"{shapes.num_layers} layers pruned (r_max={r_max}) it removes at most "
+            f"{build(r_max, 1.0)[-1]:.3f} of the parameters, and the nearest total to {target} is "
+            f"{best[-1]:.4f}. Change --ratio, or --option n_p / r_max."
         )
-    if lo[3] >= target:
-        return lo
-    for _ in range(60):  # invariant: achieved(lo) < target <= achieved(hi) (or hi = r_max)
-        mid = build((lo[0] + hi[0]) / 2)
-        lo, hi = (mid, hi) if mid[3] < target else (lo, mid)
-    best = min((hi, lo), key=lambda b: abs(b[3] - target))
-    if abs(best[3] - target) > _TOL:
-        raise RatioError(
-            f"--ratio {target}: the nearest totals slimllm can reach on this model are {lo[3]:.4f} and "
-            f"{hi[3]:.4f} (heads and channels are whole units); choose a --ratio within 0.01 of one."
-        )
-    return best
+    return min(found, key=lambda t: abs(math.log(max(t[1], 1e-9))))
 
 
 # ---- heads: moments, scores, greedy swap ------------------------------------------------------
@@ -264,7 +281,8 @@ def select_heads(hm: HeadMoments, pools: list[list[int]], n_prune: int) -> tuple
         slots.append(order[n_prune:])
     pool_of = {i: k for k, pool in enumerate(pools) for i in pool}
     w = torch.zeros(len(pool_of), dtype=torch.float64, device=hm.S.device)
-    w[[i for sl in slots for i in sl]] = 1.0
+    for i in (i for sl in slots for i in sl):
+        w[i] = 1.0
     best = hm.corr(w)
     for p in sorted(pruned, key=lambda i: (-s[i], i)):
         sl = slots[pool_of[p]]
@@ -475,8 +493,9 @@ class SlimLLM(Method):
             cos = [float(s["cos"]) for s in survey]
         else:
             cos = [0.0] * L  # provisional (dry run): the first N_p layers, equal shares
-        r, ratios, specs, achieved = solve_plan(shapes, cos, self.ratio, alpha, n_p, cfg.r_max, cfg.keep_least_frac)
-        self.knobs = SlimLLMPlan(alpha, n_p, r, tuple(ratios), tuple(specs), achieved, provisional=survey is None)
+        r, beta, ratios, ffn, specs, achieved = solve_plan(shapes, cos, self.ratio, alpha, n_p, cfg.r_max, cfg.keep_least_frac)
+        self.knobs = SlimLLMPlan(alpha, n_p, r, beta, tuple(ratios), tuple(ffn), tuple(specs), achieved,
+                                 provisional=survey is None)
         self._shapes = shapes
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
@@ -506,7 +525,8 @@ class SlimLLM(Method):
         if self.knobs.provisional:
             raise RuntimeError("SlimLLM.decide needs the survey: call plan(shapes, survey) first")
         s, spec, r_l = self._shapes, self.knobs.specs[layer_idx], self.knobs.ratios[layer_idx]
-        out, info = dict(weights), {"r_l": r_l, "heads_kept": list(range(s.num_heads))}
+        out = dict(weights)
+        info = {"r_l": r_l, "r_ffn": self.knobs.ffn_ratios[layer_idx], "heads_kept": list(range(s.num_heads))}
         if spec.num_heads < s.num_heads:
             hm = observer.moments()
             kept, _ = select_heads(hm, head_pools(s.num_heads, s.num_kv_heads), heads_to_prune(r_l, s.num_heads, s.num_kv_heads))
@@ -528,14 +548,14 @@ class SlimLLM(Method):
     def refine(self, layer_idx: int, decision: Decision, observer: _FFNObserver | None) -> Decision:
         if observer is None:
             return decision
-        s, spec, r_l = self._shapes, self.knobs.specs[layer_idx], self.knobs.ratios[layer_idx]
+        s, spec, r_ffn = self._shapes, self.knobs.specs[layer_idx], self.knobs.ffn_ratios[layer_idx]
         t = decision.tensors
         gate, up, down = t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"]
         h = observer.h
         h.check_finite(f"slimllm FFN statistics of layer {layer_idx}")
         observer.y.check_finite(f"slimllm FFN output statistics of layer {layer_idx}")
         scores = ffn_scores(gate, up, down, observer.ex, h.sxx_diag, observer.y_cov())
-        keep = select_channels(scores, ffn_to_prune(r_l, s.intermediate_size, self.config.keep_least_frac),
+        keep = select_channels(scores, ffn_to_prune(r_ffn, s.intermediate_size, self.config.keep_least_frac),
                                self.config.keep_least_frac)
         a, b = ffn_fit(h.n, h.xtx, h.sx, down, keep)
         out = slice_ffn(t, keep)
