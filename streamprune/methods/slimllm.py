@@ -503,6 +503,12 @@ class SlimLLM(Method):
             raise RuntimeError("SlimLLM.planned_specs called before plan()")
         return list(self.knobs.specs)
 
+    def workspace_bytes(self, shapes: ModelShapes) -> int:
+        """Pass B: Gram f², y moments + eigh 3·d², fp32 Wd copies 2·d·f, fit blocks; pass A:
+        M in fp32 + float64 (and its derived copies) ~24·d·H², head-output blocks."""
+        d, f, H = shapes.hidden_size, shapes.intermediate_size, shapes.num_heads
+        return 4 * (f * f + 3 * d * d + 2 * d * f + 4 * _ELEMS) + 24 * d * H * H
+
     # ---- survey -------------------------------------------------------------------------------
     def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> _SurveyObserver:
         return _SurveyObserver()
