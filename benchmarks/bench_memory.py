@@ -146,6 +146,9 @@ def run_depth(a: argparse.Namespace, depth: int, work: Path) -> dict:
         raise SystemExit(f"prune of the {depth}-layer checkpoint failed (exit {proc.returncode}):\n{err_log.read_text()[-3000:]}")
     report = json.loads(out_log.read_text().strip().splitlines()[-1])
     gpu = json.loads(Path(spec["gpu_samples"]).read_text())
+    peak = max((r for _, r in rss), default=0)
+    while len(rss) > 1 and rss[-1][1] < 0.5 * peak:
+        rss.pop()  # the last samples caught the interpreter tearing down
     run = {
         "depth": depth,
         "checkpoint_bytes": info["total_bytes"],
@@ -181,19 +184,20 @@ def plot_timeline(runs: list[dict], path: Path, title: str) -> None:
         ends = [s for s, _ in run["layers"]]
         if ends:
             loop_start = ends[0] - run["layers"][0][1]["wall_s"]
-            ax.axvspan(loop_start, ends[-1], color="tab:green", alpha=0.07, label=f"layer loop ({len(ends)} layers)")
+            ax.axvspan(0, loop_start, color="0.5", alpha=0.10, lw=0, label="start-up: imports, calibration, boundary 0")
+            ax.axvspan(loop_start, ends[-1], color="tab:green", alpha=0.07, lw=0, label="layer loop")
+            ax.axvspan(ends[-1], t[-1] if t else ends[-1], color="tab:orange", alpha=0.12, lw=0, label="finalize + exit")
             for s in ends:
                 ax.axvline(s, color="tab:green", lw=0.6, alpha=0.6)
-            ax.text(loop_start / 2, top * 1.02, "setup", ha="center", va="bottom", fontsize=8, color="0.35")
         peak = run["peak_rss_bytes"]
         ax.axhline(peak / GiB, color="tab:blue", lw=0.8, ls=":")
         ax.text(t[-1] if t else 0, peak / GiB, f" peak {peak / GiB:.2f} GiB", va="bottom", ha="right", fontsize=8, color="tab:blue")
         ax.set_ylim(0, top * 1.15)
         ax.set_xlim(0, max(t[-1] if t else 1, 1e-3))
         ax.set_ylabel("GiB")
-        ax.set_title(f"{run['depth']} layers  (checkpoint {run['checkpoint_bytes'] / MiB:.0f} MiB; thin lines = layer ends)", fontsize=9, loc="left")
+        ax.set_title(f"{run['depth']} layers (checkpoint {run['checkpoint_bytes'] / MiB:.3g} MiB); thin lines = layer ends", fontsize=9, loc="left")
         ax.grid(alpha=0.25)
-    axes[0, 0].legend(loc="lower right", fontsize=8, ncol=4)
+    axes[0, 0].legend(loc="lower right", fontsize=7, ncol=2, framealpha=0.9)
     axes[-1, 0].set_xlabel("seconds since start of the prune process")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -222,7 +226,7 @@ def plot_depth(runs: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("GiB")
     ax.set_ylim(0, max(peak + ckpt) * 1.2)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -271,7 +275,8 @@ def main() -> None:
     a.results.mkdir(parents=True, exist_ok=True)
     timeline, vs_depth = a.results / "memory_timeline.png", a.results / "memory_vs_depth.png"
     plot_timeline(runs, timeline, f"streamprune prune memory over time: {a.config} ({shape}), {a.method}, {a.nsamples}x{a.seqlen}, {a.device}")
-    plot_depth(runs, vs_depth, f"peak RSS x{rss_ratio:.2f} for x{depth_ratio:g} layers ({a.config}: {shape})")
+    plot_depth(runs, vs_depth, f"peak RSS x{rss_ratio:.2f} for x{depth_ratio:g} layers "
+               f"(checkpoint x{last['checkpoint_bytes'] / first['checkpoint_bytes']:.2f})\n{a.config}: {shape}, {a.method}, {a.device}")
     print(f"plots: {timeline}, {vs_depth}")
     print(json.dumps({
         "bench": "memory", "config": a.config, "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, atomic, writer
 from .activations import ActivationCache
-from .adapters import open_model
+from .adapters import load_tokenizer, open_model
 from .checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
@@ -25,15 +25,10 @@ from .faults import crash_point
 from .interrupts import graceful_stop
 from .journal import RunDir, digest
 from .methods import build_method
+from .prefetch import Prefetcher, stage_on_host, to_device
 from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
 from .stream import embed_to_boundary, observe, position_embeddings, propagate
 from .textdata import calibration_windows, resolve_text_source
-
-
-def load_tokenizer(folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int) -> dict:
@@ -63,14 +58,24 @@ def plan(cfg: PruneConfig):
 def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool) -> list[dict]:
     """Dense model over dense hidden states; per-layer results from the method."""
     results = []
-    for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
-        weights = {k: v.to(device, dtype) for k, v in adapter.read_layer(i).items()}
-        layer = adapter.build_layer(i, weights, device, dtype)
-        obs = method.survey_observer(i, weights)
-        propagate(layer, cache, i, pe, device, observer=obs)
-        cache.drop(i)
-        results.append(method.survey_result(i, obs))
+    with read_ahead(adapter, 0, device, dtype) as ahead:
+        for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
+            weights = to_device(next(ahead), device, dtype)
+            layer = adapter.build_layer(i, weights, device, dtype)
+            obs = method.survey_observer(i, weights)
+            propagate(layer, cache, i, pe, device, observer=obs)
+            cache.drop(i)
+            results.append(method.survey_result(i, obs))
     return results
+
+
+def read_ahead(adapter, start: int, device, dtype) -> Prefetcher:
+    """Layer tensors from ``start`` on, read (and pinned on CUDA) one layer ahead on a thread."""
+    return Prefetcher(lambda j: stage_on_host(adapter.read_layer(j), device, dtype), range(start, adapter.num_layers))
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @contextmanager
@@ -165,46 +170,47 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     # ---- the layer loop ---------------------------------------------------------------
     done_s: list[float] = []
     bar = tqdm(range(start, shapes.num_layers), desc="prune", initial=start, total=shapes.num_layers, disable=not cfg.progress)
-    for i in bar:
-        prof = LayerProfile(i, device)
-        read0 = adapter.reader.bytes_read + cache.bytes_read
-        write0 = cache.bytes_written
-        with prof.phase("read"):
-            weights = {k: v.to(device, dtype) for k, v in adapter.read_layer(i).items()}
-            dense = adapter.build_layer(i, weights, device, dtype)
-        with prof.phase("forward"):
-            obs = method.observer(i, "A", weights)
-            observe(dense, cache, i, pe, obs, device)
-            crash_point(f"observe:{i}")
-        with prof.phase("decide"):
-            decision = method.decide(i, weights, obs)
-        if method.needs_pass_b:
+    with read_ahead(adapter, start, device, dtype) as ahead:
+        for i in bar:
+            prof = LayerProfile(i, device)
+            read0, write0 = cache.bytes_read, cache.bytes_written
+            with prof.phase("read"):  # waiting for the prefetch thread + host-to-device copy
+                weights = to_device(next(ahead), device, dtype)
+                dense = adapter.build_layer(i, weights, device, dtype)
+                weight_bytes = nbytes(weights)
             with prof.phase("forward"):
-                obs_b = method.observer(i, "B", decision.tensors)
-                if obs_b is not None:
-                    staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
-                    observe(staged, cache, i, pe, obs_b, device)
+                obs = method.observer(i, "A", weights)
+                observe(dense, cache, i, pe, obs, device)
+                crash_point(f"observe:{i}")
             with prof.phase("decide"):
-                decision = method.refine(i, decision, obs_b)
-        decision.validate(i)
-        check_finite(i, decision)
-        with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
-            pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
-            propagate(pruned, cache, i, pe, device)
-        with prof.phase("write"), disk_errors(f"layer {i}", run):
-            fname, nbytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
-            crash_point(f"written:{i}")
-            run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
-            crash_point(f"committed:{i}")
-            cache.drop(i)
-        out_specs[i] = decision.spec
-        del weights, dense, pruned, decision
-        done_s.append(time.perf_counter() - prof.start)
-        eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
-        rec = prof.record(bytes_read=adapter.reader.bytes_read + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + nbytes, eta_s=round(eta, 1))
-        append_line(run.profile_path, rec)
-        bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
-        stop.check(f"after committing layer {i}")
+                decision = method.decide(i, weights, obs)
+            if method.needs_pass_b:
+                with prof.phase("forward"):
+                    obs_b = method.observer(i, "B", decision.tensors)
+                    if obs_b is not None:
+                        staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
+                        observe(staged, cache, i, pe, obs_b, device)
+                with prof.phase("decide"):
+                    decision = method.refine(i, decision, obs_b)
+            decision.validate(i)
+            check_finite(i, decision)
+            with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
+                pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
+                propagate(pruned, cache, i, pe, device)
+            with prof.phase("write"), disk_errors(f"layer {i}", run):
+                fname, out_bytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
+                crash_point(f"written:{i}")
+                run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
+                crash_point(f"committed:{i}")
+                cache.drop(i)
+            out_specs[i] = decision.spec
+            del weights, dense, pruned, decision
+            done_s.append(time.perf_counter() - prof.start)
+            eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
+            rec = prof.record(bytes_read=weight_bytes + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + out_bytes, eta_s=round(eta, 1))
+            append_line(run.profile_path, rec)
+            bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
+            stop.check(f"after committing layer {i}")
     bar.close()
 
     # ---- finalize ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .activations import ActivationCache
-from .adapters import open_model
+from .adapters import load_tokenizer, open_model
 from .config import resolve_device, resolve_dtype
 from .errors import ConfigError
 from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
@@ -47,9 +47,7 @@ class EvalConfig:
 
 
 def _windows(model_dir: Path, cfg: EvalConfig) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     return eval_windows(tokenizer, resolve_text_source(cfg.dataset), cfg.seqlen, cfg.max_windows)
 
 

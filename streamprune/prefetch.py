@@ -2,16 +2,22 @@
 
 The engine reads layer ``l+1`` from the source shards while layer ``l`` computes::
 
-    with Prefetcher(lambda i: pin_if_cuda(adapter.read_layer(i), device), range(start, n)) as layers:
-        for i, host in zip(range(start, n), layers):
-            weights = to_device(host, device, dtype)      # async H2D from pinned memory
+    ahead = Prefetcher(lambda j: stage_on_host(adapter.read_layer(j), device, dtype), range(start, n))
+    with ahead:
+        for i in range(start, n):
+            weights = to_device(next(ahead), device, dtype)   # CUDA: async H2D from pinned memory
             ...
+
+``safe_open(...).get_tensor`` returns tensors backed by the file's memory map: nothing is
+read until the bytes are touched. A prefetch function must therefore touch them, which is
+what :func:`stage_on_host` does (a pinned copy for CUDA, the compute-dtype copy on CPU);
+prefetching bare ``read_layer`` results would move the disk reads back into the forward.
 
 Contract:
   - results come out in the order of ``keys``;
   - at most ``depth`` results are computed or waiting beyond the one the consumer holds
-    (``depth=1``: the next layer is read while this one computes; two layers of host
-    memory, never more);
+    (``depth=1``: the next layer is read while this one computes: two layers of host
+    memory, plus any earlier result the consumer still references);
   - an exception raised by ``fn`` (or by iterating ``keys``) is re-raised in the consumer,
     at the position of the failed key, with the worker's traceback (``fn``'s frames) kept;
   - ``close()`` (also on ``with`` exit, early ``break`` + exit, or garbage collection)
@@ -19,8 +25,8 @@ Contract:
     other, and drops the results nobody will take. The worker is a daemon thread and holds
     no reference to the ``Prefetcher``, so an abandoned one never keeps the process alive.
 
-Reading safetensors releases the GIL (the copy out of the memory map happens in Rust /
-C++), so one thread is enough to hide the read behind the layer's forward passes.
+The copies that fault the pages in are torch ops, which release the GIL, so one thread is
+enough to hide the read behind the layer's forward passes.
 """
 
 from __future__ import annotations
@@ -134,6 +140,26 @@ def pin_if_cuda(tensors: Any, device: torch.device | str) -> Any:
     if device.type != "cuda" or not torch.cuda.is_available():
         return tensors
     return _map_tensors(tensors, lambda t: t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory())
+
+
+def stage_on_host(tensors: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Host tensors whose bytes are resident, ready for ``to_device`` (run it on the prefetch thread).
+
+    CUDA: pinned copies in the stored dtype (the cast happens on the GPU, after the copy:
+    bf16 checkpoints move half the bytes of fp32). CPU: private copies in ``dtype`` (a
+    cast, or a clone when the dtype already matches), so memory-mapped checkpoint tensors
+    are read here and not at their first use in the forward.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return pin_if_cuda(tensors, device)
+
+    def resident(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.dtype != dtype:
+            return t.to(dtype)
+        return t.clone(memory_format=torch.contiguous_format)
+
+    return _map_tensors(tensors, resident)
 
 
 def to_device(tensors: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:

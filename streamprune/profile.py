@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 
@@ -23,8 +24,21 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own
+    address space. (``ru_maxrss`` is not used there: it survives fork + exec, so a child
+    would report its parent's peak.) Elsewhere ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: fall back to getrusage below
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class LayerProfile:

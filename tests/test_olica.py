@@ -1,6 +1,7 @@
-"""Olica unit tests on tiny random GQA Llama layers, driven by hand (no engine).
+"""Olica: unit tests on tiny random GQA Llama layers driven by hand, then end to end.
 
 Run: ``. .venv/bin/activate && python -m pytest tests/test_olica.py -q``
+(only the end-to-end part: ``... -k e2e``; about 40 s of the total on 2 CPU cores).
 
 The method is driven the way the engine will drive it: forward hooks on the
 ``transformers`` ``LlamaDecoderLayer`` modules call ``observer.update(tap, x_in, y_out)``
@@ -11,8 +12,14 @@ computed by a small reference forward of a :class:`LayerSpec` + tensors (below).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,23 +27,33 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from reference import logits_of, prune_in_memory
+from streamprune import PruneConfig, load_pruned, prune, writer
+from streamprune.adapters import open_model
 from streamprune.errors import RatioError
+from streamprune.journal import RunDir
 from streamprune.kernels import weighted_svd
 from streamprune.kernels.reference import linear_fit_pearson_ref
+from streamprune.methods import build_method
+from streamprune.methods.channels import select_channels
 from streamprune.methods.olica import (
     Olica,
     OlicaConfig,
     budget_split,
     exact_ond_transform,
     fast_ond_rotation,
-    ffn_split,
     lc_lambda,
     linear_calibration,
     pick_lc_layers,
+    pruned_channels,
     sr_allocation,
     awsvd_rank,
 )
 from streamprune.shapes import ModelShapes
+from streamprune.spec import LayerSpec
+from streamprune.textdata import calibration_windows, resolve_text_source
+from test_engine import _engine_logits, _output_tensors
+from test_resume import digests
 
 SMOLLM2 = ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
                       head_dim=64, vocab_size=49152, tie_word_embeddings=True)
@@ -232,10 +249,10 @@ def test_lc_layers_never_the_last():
     assert pick_lc_layers([0.5, 0.1, 0.3, 0.0], 2) == (1, 2)
 
 
-def test_ffn_split_keeps_least_important():
+def test_ffn_selection_keeps_least_important():
     scores = torch.tensor([5.0, 0.0, 3.0, 1.0, 4.0, 2.0])
-    kept, pruned = ffn_split(scores, 1, 2)
-    assert pruned.tolist() == [3, 5] and kept.tolist() == [0, 1, 2, 4]
+    kept = select_channels(scores, 2, keep_least_frac=1 / 6)  # keep the lowest 1, prune the next 2
+    assert kept.tolist() == [0, 1, 2, 4] and pruned_channels(kept, 6).tolist() == [3, 5]
 
 
 # ---- numerics ---------------------------------------------------------------------------------
@@ -359,3 +376,156 @@ def test_pruned_forward_harness_matches_transformers():
     x = calib_inputs(cfg, n=2, T=8)
     spec = shapes_of(cfg).dense_spec()
     assert rel(pruned_forward(spec, dense_weights(layer), x, cfg), run_layer(layer, cfg, x)) < 1e-5
+
+
+# ---- end to end: the streaming engine on tiny checkpoints (tests/conftest.py) -----------------------
+# 4 layers, d 64, f 128, 4 query / 2 KV heads; Qwen2 adds q/k/v bias and tied embeddings. Real c4
+# calibration text. LC on 2 of the 4 layers with an 8-wide bypass (floor(0.125·64)).
+
+E2E_OPTS = {"mlp_num": 2, "lc_rank_ratio": 0.125, "percdamp": 0.05}
+E2E = dict(calib="c4", nsamples=16, seqlen=32, seed=0, chunk_tokens=160, progress=False)  # 5 rows a chunk: 4 chunks
+# Streamed (chunked fp32 statistics, chunked propagation) vs in-memory (one batch, sdpa): measured
+# ‖Δ‖/‖ref‖ ≤ 6e-5 per tensor after 4 sequential layers; plain slices and copies are bit-equal.
+E2E_REL_TOL = 5e-4
+_EXACT = ("layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "up.bias")
+
+
+def _e2e_tokens(folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return calibration_windows(tok, resolve_text_source(E2E["calib"]), E2E["nsamples"], E2E["seqlen"], E2E["seed"])
+
+
+def _specs_of(out) -> list[LayerSpec]:
+    return [LayerSpec.from_dict(d) for d in json.loads((out / "config.json").read_text())["layer_specs"]]
+
+
+@pytest.fixture(scope="module")
+def olica_runs(tiny_llama, tiny_qwen2, tmp_path_factory):
+    """``get(arch)``: one streamed Olica run at ratio 0.3 per architecture (work dir kept), made once."""
+    runs = {}
+
+    def get(arch: str) -> SimpleNamespace:
+        if arch not in runs:
+            source = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
+            out = tmp_path_factory.mktemp(f"olica_{arch}") / "out"
+            cfg = PruneConfig(source=source, out=out, method="olica", ratio=0.3, method_options=E2E_OPTS, **E2E)
+            report = prune(replace(cfg, keep_work=True))
+            runs[arch] = SimpleNamespace(cfg=cfg, source=source, out=out, work=cfg.run_dir, report=report)
+        return runs[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_e2e_streamed_equals_in_memory(olica_runs, arch):
+    run = olica_runs(arch)
+    shapes = open_model(run.source).shapes()
+    method = build_method("olica", 0.3, E2E_OPTS)
+    decisions = prune_in_memory(run.source, method, _e2e_tokens(run.source))
+    specs = _specs_of(run.out)
+    assert specs == [d.spec for d in decisions] == method.planned_specs(shapes)
+    lc = tuple(i for i, s in enumerate(specs) if s.bypass_rank)
+    assert lc == method.knobs.lc_layers and len(lc) == 2 and all(d.info["lc"] == (i in lc) for i, d in enumerate(decisions))
+
+    run_dir = RunDir(run.work)  # the journaled survey: same numbers, same LC layer choice
+    survey = run_dir.load_survey(run_dir.records(), shapes.num_layers)
+    for mine, ref in zip(survey, method._survey):
+        assert float(mine["linearity"]) == pytest.approx(float(ref["linearity"]), rel=1e-4)
+        assert rel(mine["o_out_energy"], ref["o_out_energy"]) < E2E_REL_TOL
+
+    streamed = _output_tensors(run.out)
+    for i, d in enumerate(decisions):
+        assert {k for k in streamed if k.startswith(f"model.layers.{i}.")} == {f"model.layers.{i}.{k}" for k in d.tensors}
+        for name, ref in d.tensors.items():
+            got = streamed[f"model.layers.{i}.{name}"]
+            if name.endswith(_EXACT):  # copies and channel slices: the same channels were kept
+                assert torch.equal(got, ref), (i, name)
+            else:
+                assert rel(got, ref) < E2E_REL_TOL, (i, name, rel(got, ref))
+            if name.startswith("mlp.bypass"):
+                assert ref.abs().sum() > 0, (i, "LC bypass left at zero")
+
+
+# Loads through remote code in a fresh interpreter with streamprune never imported (in process,
+# a register()ed local class would shadow the remote one); see tests/test_modeling.py.
+_REMOTE_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+args = sys.argv[1:]
+for out, ids, dest in zip(args[0::3], args[1::3], args[2::3]):
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not {k: v for k, v in info.items() if v}, info
+    assert type(model).__name__ == "StreamPruneForCausalLM", type(model)
+    with torch.no_grad():
+        torch.save(model.eval()(torch.load(ids)).logits.float(), dest)
+assert not [m for m in sys.modules if m.split(".")[0] == "streamprune"]
+"""
+
+
+def test_e2e_output_loads_and_matches_engine_propagation(olica_runs, tmp_path):
+    args, want = [], {}
+    for arch in ("llama", "qwen2"):
+        run = olica_runs(arch)
+        tokens = _e2e_tokens(run.source)
+        logits = logits_of(load_pruned(run.out).eval(), tokens)
+        # the loaded model's logits == the engine's own propagation (last boundary + norm + head)
+        torch.testing.assert_close(logits, _engine_logits(run.work, run.out, tokens), rtol=1e-4, atol=1e-4)
+        want[arch] = logits[:2]
+        torch.save(tokens[:2], tmp_path / f"{arch}_ids.pt")
+        args += [run.out, tmp_path / f"{arch}_ids.pt", tmp_path / f"{arch}_logits.pt"]
+
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, *map(str, args)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # cwd: not the repo root (its kernels/)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for word in ("MISSING", "UNEXPECTED", "MISMATCH", "not initialized"):  # transformers' load report
+        assert word not in proc.stderr, proc.stderr[-4000:]
+    for arch, logits in want.items():  # same module code, same weights: equal up to kernel noise
+        torch.testing.assert_close(torch.load(tmp_path / f"{arch}_logits.pt"), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_e2e_achieved_ratio_within_one_point(tiny_llama, tmp_path, ratio):
+    """Default Olica options (LC on 3 layers, rank floor(0.03·64) = 1); the report states the exact figure."""
+    out = tmp_path / "out"
+    report = prune(PruneConfig(source=tiny_llama, out=out, method="olica", ratio=ratio, **{**E2E, "nsamples": 8}))
+    shapes = open_model(tiny_llama).shapes()
+    specs = _specs_of(out)
+    assert report["achieved_ratio"] == shapes.achieved_ratio(specs)
+    assert abs(report["achieved_ratio"] - ratio) <= 0.01
+    assert sum(s.bypass_rank > 0 for s in specs) == 3 and specs[-1].bypass_rank == 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_e2e_resume_skips_survey_and_is_byte_identical(olica_runs, tmp_path, monkeypatch):
+    baseline = olica_runs("llama")  # uninterrupted, same fingerprint (keep_work is not part of it)
+    cfg = replace(baseline.cfg, out=tmp_path / "out")
+    surveyed: list[int] = []
+    real_survey_observer, real_save_layer = Olica.survey_observer, writer.save_layer
+
+    def spy(self, layer_idx, weights):
+        surveyed.append(layer_idx)
+        return real_survey_observer(self, layer_idx, weights)
+
+    def fail_on_layer_2(staging, i, tensors, dtype):
+        if i == 2:
+            raise _Interrupted("injected: stop while writing layer 2 (layers 0 and 1 are committed)")
+        return real_save_layer(staging, i, tensors, dtype)
+
+    monkeypatch.setattr(Olica, "survey_observer", spy)
+    monkeypatch.setattr(writer, "save_layer", fail_on_layer_2)
+    with pytest.raises(_Interrupted):
+        prune(cfg)
+    assert surveyed == [0, 1, 2, 3] and not cfg.out.exists()
+    assert sorted(RunDir(cfg.run_dir).committed_layers(RunDir(cfg.run_dir).records())) == [0, 1]
+
+    monkeypatch.setattr(writer, "save_layer", real_save_layer)
+    surveyed.clear()
+    report = prune(cfg)
+    assert surveyed == [] and report["resumed_from_layer"] == 2  # the journaled survey was reused
+    assert digests(cfg.out) == digests(baseline.out)

@@ -13,7 +13,7 @@ import traceback
 import pytest
 import torch
 
-from streamprune.prefetch import Prefetcher, pin_if_cuda, to_device
+from streamprune.prefetch import Prefetcher, pin_if_cuda, stage_on_host, to_device
 
 
 def test_order_preserved():
@@ -138,6 +138,21 @@ def test_pin_if_cuda_is_identity_on_cpu():
     moved = to_device(tensors, "cpu", torch.float64)
     assert moved["a"].dtype == torch.float64 and moved["b"][1].dtype == torch.float64
     assert torch.equal(moved["b"][1], torch.arange(4, dtype=torch.float64))
+
+
+def test_stage_on_host_makes_private_resident_copies_on_cpu(tmp_path):
+    """Memory-mapped safetensors tensors are read by staging, not at first use."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(8, 8).to(torch.bfloat16), "n": torch.ones(8)}, tmp_path / "s.safetensors")
+    with safe_open(tmp_path / "s.safetensors", framework="pt") as f:
+        mapped = {k: f.get_tensor(k) for k in f.keys()}
+    staged = stage_on_host(mapped, "cpu", torch.float32)
+    assert all(t.dtype == torch.float32 for t in staged.values())
+    assert torch.equal(staged["w"], mapped["w"].float())
+    same = stage_on_host(mapped, "cpu", None)  # dtype kept: still a private copy
+    assert same["n"].data_ptr() != mapped["n"].data_ptr() and torch.equal(same["n"], mapped["n"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

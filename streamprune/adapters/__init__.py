@@ -23,3 +23,14 @@ def open_model(folder: str | Path) -> LlamaFamilyAdapter:
             f"model_type {model_type!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED)}"
         )
     return ADAPTERS[model_type](reader)
+
+
+def load_tokenizer(folder: str | Path):
+    """The folder's tokenizer. Registers the streamprune config first, so a pruned output
+    never triggers transformers' remote-code prompt; never runs code from the folder."""
+    from transformers import AutoTokenizer
+
+    from ..modeling import register
+
+    register()
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

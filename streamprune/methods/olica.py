@@ -6,7 +6,9 @@ Fast-OND rotation + per-group value-dimension pruning, FFN channel pruning, and 
 Calibration (LC): a low-rank linear bypass fitted to the FFN's pruning residual on the
 ``mlp_num`` most linear layers.
 
-Passes (see :mod:`streamprune.methods.base`):
+Passes (see :mod:`streamprune.methods.base`; their observers are in
+:mod:`streamprune.methods.olica_observers`; the FFN channel score and selection are
+LoRAP's too and live in :mod:`streamprune.methods.channels`):
 
 - survey (dense model, dense hidden states): per layer the FFN linearity score and the
   o_proj output energy (the Fast-OND statistic). A few floats per layer, journaled.
@@ -68,14 +70,15 @@ import torch
 from torch import Tensor
 
 from ..errors import RatioError
-from ..kernels import SOLVERS, Moments, energy, linear_fit_pearson, ridge_lambda, ridge_solve, truncated_svd, weighted_svd
+from ..kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, truncated_svd, weighted_svd
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 from .base import Decision, Method
+from .channels import ffn_channel_scores, select_channels, slice_ffn
+from .olica_observers import LCObserver, PassAObserver, SurveyObserver
 
 OLICA_CONFIG_VERSION = 1
 _MAX_S_MLP = 0.95
-_BLOCK = 4096  # rows per fp32 block when scoring big weight matrices
 
 
 @dataclass(frozen=True)
@@ -298,28 +301,14 @@ def slice_values(wv: Tensor, wo: Tensor, keep: Tensor, n_heads_per_group: int,
     return wv_s, wo_s, bv_s
 
 
-# ---- FFN ----------------------------------------------------------------------------------
+# ---- FFN (scores and selection shared with LoRAP: streamprune.methods.channels) -------------
 
 
-def _scaled_row_norms(w: Tensor, scale: Tensor) -> Tensor:
-    """(rows,) ‖w[j,:] ⊙ scale‖₂ in fp32, ``_BLOCK`` rows at a time."""
-    s = scale.float().to(w.device)
-    return torch.cat([(w[i:i + _BLOCK].float() * s).norm(dim=1) for i in range(0, w.shape[0], _BLOCK)])
-
-
-def ffn_scores(gate: Tensor, up: Tensor, down: Tensor, ex: Tensor, eh: Tensor) -> Tensor:
-    """(f,) ``‖Wup[j]⊙sqrt(ex)‖ + ‖Wgate[j]⊙sqrt(ex)‖ + sqrt(eh[j])·‖Wdown[:,j]‖``."""
-    sx = ex.float().sqrt()
-    down_norm = torch.cat([down[:, i:i + _BLOCK].float().norm(dim=0) for i in range(0, down.shape[1], _BLOCK)])
-    return _scaled_row_norms(up, sx) + _scaled_row_norms(gate, sx) + eh.float().sqrt().to(down.device) * down_norm
-
-
-def ffn_split(scores: Tensor, n_keep_least: int, n_pruned: int) -> tuple[Tensor, Tensor]:
-    """``(kept, pruned)`` channel indices (ascending): keep the lowest ``n_keep_least``, prune the next ``n_pruned``."""
-    order = torch.argsort(scores, stable=True)
-    pruned = order[n_keep_least:n_keep_least + n_pruned]
-    kept = torch.cat([order[:n_keep_least], order[n_keep_least + n_pruned:]])
-    return torch.sort(kept).values, torch.sort(pruned).values
+def pruned_channels(kept: Tensor, f: int) -> Tensor:
+    """(f − len(kept),) ascending indices of the channels not in ``kept``: LC's residual uses them."""
+    mask = torch.ones(f, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask.nonzero().squeeze(1)
 
 
 # ---- Linear Calibration and the survey's linearity score ------------------------------------
@@ -354,78 +343,6 @@ def linear_calibration(n: int, sx: Tensor, xtx: Tensor, xte: Tensor, se: Tensor,
     w = torch.sigmoid((rho - rho.mean()) / 0.05)
     A, B = weighted_svd(W, w, rank, balance="left", solver=solver, seed=seed)  # W ≈ A B
     return LCFit(A=A, B=B, W=W, rho=rho, weight=w, lam=lam)
-
-
-# ---- observers ------------------------------------------------------------------------------
-
-
-class _SurveyObserver:
-    """Dense model: moments of (MLP input, MLP output) and the o_proj output energy."""
-
-    taps = frozenset({"mlp", "o_proj"})
-
-    def __init__(self, d: int):
-        self.d = d
-        self.mlp: Moments | None = None
-        self.eo: Tensor | None = None
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        if tap == "mlp":
-            if self.mlp is None:
-                self.mlp = Moments(self.d, self.d, device=x_in.device)
-            self.mlp.update(x_in, y_out)
-        elif tap == "o_proj":
-            e = energy(y_out)
-            self.eo = e if self.eo is None else self.eo + e
-
-
-class _PassAObserver:
-    """Dense layer, pruned stream: energies + per-head Grams of the o_proj input."""
-
-    taps = frozenset({"v_proj", "o_proj", "gate_proj", "down_proj"})
-
-    def __init__(self, num_heads: int, head_dim: int):
-        self.H, self.h = num_heads, head_dim
-        self.e: dict[str, Tensor] = {}
-        self.o_grams: Tensor | None = None  # (H, h, h) fp32
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        if tap == "o_proj":
-            if self.o_grams is None:
-                self.o_grams = torch.zeros(self.H, self.h, self.h, dtype=torch.float32, device=x_in.device)
-            for i in range(0, x_in.shape[0], _BLOCK):
-                a = x_in[i:i + _BLOCK].float().reshape(-1, self.H, self.h).transpose(0, 1)  # (H, t, h)
-                self.o_grams.baddbmm_(a.transpose(1, 2), a)
-        else:
-            e = energy(x_in)
-            self.e[tap] = e if tap not in self.e else self.e[tap] + e
-
-
-class _LCObserver:
-    """Pass B on the dense layer: moments of X (MLP input) and E = H[:, pruned]·Wdown[:, pruned]ᵀ."""
-
-    taps = frozenset({"down_proj", "mlp"})
-
-    def __init__(self, d: int, pruned: Tensor, down_pruned: Tensor):
-        self.pruned, self.down_pruned = pruned, down_pruned  # (p,), (d, p)
-        self.moments: Moments | None = None
-        self._x: Tensor | None = None
-        self._e: Tensor | None = None
-        self.d = d
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        if tap == "down_proj":  # x_in: dense intermediate activation H (tokens, f)
-            w = self.down_pruned.float().T  # (p, d)
-            hp = x_in[:, self.pruned.to(x_in.device)]
-            self._e = torch.cat([hp[i:i + _BLOCK].float() @ w for i in range(0, hp.shape[0], _BLOCK)])
-        else:
-            self._x = x_in
-        if self._x is not None and self._e is not None:  # both taps of one chunk seen
-            assert self._x.shape[0] == self._e.shape[0], "mlp and down_proj taps out of step"
-            if self.moments is None:
-                self.moments = Moments(self.d, self.d, device=self._x.device)
-            self.moments.update(self._x, self._e)
-            self._x = self._e = None
 
 
 # ---- the method --------------------------------------------------------------------------------
@@ -480,10 +397,10 @@ class Olica(Method):
         return _spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
 
     # ---- survey -------------------------------------------------------------------------------
-    def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> _SurveyObserver:
-        return _SurveyObserver(weights["mlp.down_proj.weight"].shape[0])
+    def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> SurveyObserver:
+        return SurveyObserver(weights["mlp.down_proj.weight"].shape[0])
 
-    def survey_result(self, layer_idx: int, observer: _SurveyObserver) -> dict[str, Tensor]:
+    def survey_result(self, layer_idx: int, observer: SurveyObserver) -> dict[str, Tensor]:
         m = observer.mlp
         m.check_finite(f"olica survey statistics of layer {layer_idx}")
         score = linearity_score(m.n, m.sx, m.xtx, m.xty, m.sy, m.syy_diag, self.config.percdamp)
@@ -493,13 +410,13 @@ class Olica(Method):
     def observer(self, layer_idx: int, pass_name: str, weights: dict[str, Tensor]):
         s = self._shapes
         if pass_name == "A":
-            return _PassAObserver(s.num_heads, s.head_dim)
+            return PassAObserver(s.num_heads, s.head_dim)
         if pass_name == "B" and layer_idx in self._lc_pending:
             pruned, down_pruned = self._lc_pending[layer_idx]
-            return _LCObserver(s.hidden_size, pruned, down_pruned)
+            return LCObserver(s.hidden_size, pruned, down_pruned)
         return None
 
-    def decide(self, layer_idx: int, weights: dict[str, Tensor], observer: _PassAObserver) -> Decision:
+    def decide(self, layer_idx: int, weights: dict[str, Tensor], observer: PassAObserver) -> Decision:
         if self._survey is None:
             raise RuntimeError("Olica.decide needs the survey: call plan(shapes, survey) first")
         s, p, cfg = self._shapes, self.knobs, self.config
@@ -533,14 +450,14 @@ class Olica(Method):
             out["self_attn.o_proj.bias"] = weights["self_attn.o_proj.bias"]
 
         gate, upw, down = (weights[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
-        kept, pruned = ffn_split(ffn_scores(gate, upw, down, ex, eh), p.n_keep_least, p.n_ffn_pruned)
-        out["mlp.gate_proj.weight"] = gate[kept].contiguous()
-        out["mlp.up_proj.weight"] = upw[kept].contiguous()
-        out["mlp.down_proj.weight"] = down[:, kept].contiguous()
+        kept = select_channels(ffn_channel_scores(gate, upw, down, ex, eh), p.n_ffn_pruned, cfg.keep_least_frac)
+        ffn = slice_ffn(weights, kept)
+        out.update({f"mlp.{n}_proj.weight": ffn[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down")})
         if spec.bypass_rank:  # zero bypass until refine() fits it
             d, r = s.hidden_size, spec.bypass_rank
             out["mlp.bypass.down.weight"] = torch.zeros(r, d, dtype=down.dtype, device=down.device)
             out["mlp.bypass.up.weight"] = torch.zeros(d, r, dtype=down.dtype, device=down.device)
+            pruned = pruned_channels(kept, down.shape[1])
             self._lc_pending[layer_idx] = (pruned, down[:, pruned].contiguous())
 
         info = {"q_rank": p.q_rank, "k_rank": p.k_rank, "v_head_dim": p.v_head_dim,
@@ -549,7 +466,7 @@ class Olica(Method):
         decision.validate(layer_idx)
         return decision
 
-    def refine(self, layer_idx: int, decision: Decision, observer: _LCObserver | None) -> Decision:
+    def refine(self, layer_idx: int, decision: Decision, observer: LCObserver | None) -> Decision:
         if observer is None:
             return decision
         self._lc_pending.pop(layer_idx, None)

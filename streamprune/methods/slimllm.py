@@ -312,10 +312,12 @@ def linear_fit(n: float, sx: Tensor, sy: Tensor, sxx: Tensor, sxy: Tensor, eps: 
 
 
 def fold_regression(weight: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(diag(a)·W, b + bias)``: the linear layer then outputs ``a ⊙ (W z) + b (+ bias)``."""
-    a32 = a.to(device=weight.device, dtype=torch.float32)
-    new_b = b.to(device=weight.device, dtype=torch.float32) + (0 if bias is None else bias.float())
-    return (weight.float() * a32[:, None]).to(weight.dtype), new_b.to(weight.dtype)
+    """``(diag(a)·W, b + bias)``: the linear layer then outputs ``a ⊙ (W z) + b (+ bias)``.
+    Computed in fp32 (or the weight's dtype if wider), returned in the weight's dtype."""
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    a, b = a.to(weight.device, ct), b.to(weight.device, ct)
+    new_b = b if bias is None else b + bias.to(ct)
+    return (weight.to(ct) * a[:, None]).to(weight.dtype), new_b.to(weight.dtype)
 
 
 def slice_heads(weights: dict[str, Tensor], kept: list[int], num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Tensor]:

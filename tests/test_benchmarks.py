@@ -1,0 +1,95 @@
+"""The benchmark scripts run end to end on tiny shapes and end with one parseable JSON line.
+
+Run: ``.venv/bin/pytest -q tests/test_benchmarks.py`` (~20 s; bench_memory starts one Python
+process per depth and is marked slow, ~30 s: ``-m 'not slow'`` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--config", "custom", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "512"]
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) > 1, "a benchmark prints a readable table before its JSON line"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def make_synthetic():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import make_synthetic
+
+        yield make_synthetic
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_make_synthetic_writes_a_sharded_checkpoint_the_engine_opens(tmp_path):
+    out = run_script("make_synthetic.py", *TINY, "--layers", "2", "--out", str(tmp_path / "m"))
+    assert {"folder", "layers", "hidden_size", "vocab_size", "tokenizer_size", "total_bytes", "layer_bytes", "seconds"} <= set(out)
+    assert out["layers"] == 2 and out["vocab_size"] >= out["tokenizer_size"]
+    folder = Path(out["folder"])
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3  # one per layer + embed / norm / head
+    assert index["metadata"]["total_size"] == out["total_bytes"]
+
+    from streamprune.adapters import open_model
+
+    shapes = open_model(folder).shapes()
+    assert (shapes.num_layers, shapes.hidden_size, shapes.intermediate_size, shapes.num_heads, shapes.num_kv_heads) == (2, 64, 128, 4, 2)
+    with safe_open(folder / index["weight_map"]["model.layers.1.mlp.down_proj.weight"], framework="pt") as f:
+        down = f.get_tensor("model.layers.1.mlp.down_proj.weight").float()
+    assert down.shape == (64, 128)
+    assert abs(down.std().item() - 128**-0.5) < 0.01  # N(0, 1/in)
+
+
+def test_make_synthetic_layers_do_not_depend_on_depth(tmp_path, make_synthetic):
+    """Each tensor has its own seeded generator: layer 0 is the same in a 1- and a 2-layer model."""
+    import torch
+
+    cfg = make_synthetic.model_config("custom", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=300)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a = make_synthetic.random_tensor(name, (32, 32), torch.bfloat16, seed=0)
+    b = make_synthetic.random_tensor(name, (32, 32), torch.bfloat16, seed=0)
+    c = make_synthetic.random_tensor(name, (32, 32), torch.bfloat16, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert make_synthetic.layer_shapes(cfg)["self_attn.k_proj.weight"] == (16, 32)  # G * h = 1 * 16
+    with pytest.raises(SystemExit, match="multiple"):
+        make_synthetic.model_config("custom", num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_bench_layers_end_to_end():
+    out = run_script("bench_layers.py", *TINY, "--layers", "2", "--method", "magnitude", "--ratio", "0.1",
+                     "--nsamples", "8", "--seqlen", "32", "--bw-mib", "16", "--device", "cpu", "--no-progress")
+    for key in ("median_s", "fixed_s", "extrapolated_s", "io_floor_s", "io_floor_ratio", "disk_read_bps", "disk_write_bps",
+                "bytes_read_per_layer", "bytes_written_per_layer", "peak_rss_bytes", "layers", "method"):
+        assert key in out, key
+    assert out["layers"] == 2 and out["method"] == "magnitude"
+    assert out["extrapolated_s"] > 0 and out["io_floor_s"] > 0 and out["disk_read_bps"] > 0
+    assert abs(out["io_floor_ratio"] - out["io_floor_s"] / out["extrapolated_s"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_bench_memory_end_to_end(tmp_path):
+    out = run_script("bench_memory.py", *TINY, "--depths", "1,2", "--nsamples", "8", "--seqlen", "32",
+                     "--results", str(tmp_path / "results"))
+    for key in ("depths", "peak_rss_bytes", "peak_rss_ratio", "checkpoint_bytes", "plots"):
+        assert key in out, key
+    assert out["depths"] == [1, 2] and all(p > 0 for p in out["peak_rss_bytes"])
+    for png in out["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
