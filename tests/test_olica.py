@@ -1,13 +1,17 @@
 """Olica: unit tests on tiny random GQA Llama layers driven by hand, then end to end.
 
-Run: ``. .venv/bin/activate && python -m pytest tests/test_olica.py -q``
-(only the end-to-end part: ``... -k e2e``; about 40 s of the total on 2 CPU cores).
+Run: ``. .venv/bin/activate && python -m pytest tests/test_olica.py -q`` (~40 s on 2 CPU
+cores; the end-to-end part alone, ``-k e2e``, ~30 s).
 
-The method is driven the way the engine will drive it: forward hooks on the
+Unit part: the method is driven the way the engine drives it: forward hooks on the
 ``transformers`` ``LlamaDecoderLayer`` modules call ``observer.update(tap, x_in, y_out)``
 with (tokens, features) tensors; survey → plan → per layer pass A, decide, pass B (the
 dense layer again), refine, and the next layer's inputs come from the *pruned* layer,
 computed by a small reference forward of a :class:`LayerSpec` + tensors (below).
+
+End-to-end part (bottom): ``streamprune.prune`` on the tiny checkpoints of
+``tests/conftest.py`` against ``tests/reference.py``'s in-memory pruner; loading the
+output (``load_pruned`` and remote code); the ratio contract; resume without a second survey.
 """
 
 from __future__ import annotations
@@ -39,16 +43,12 @@ from streamprune.methods.channels import select_channels
 from streamprune.methods.olica import (
     Olica,
     OlicaConfig,
-    budget_split,
-    exact_ond_transform,
-    fast_ond_rotation,
     lc_lambda,
     linear_calibration,
-    pick_lc_layers,
     pruned_channels,
-    sr_allocation,
-    awsvd_rank,
 )
+from streamprune.methods.olica_attention import exact_ond_transform, fast_ond_rotation
+from streamprune.methods.olica_budget import awsvd_rank, budget_split, pick_lc_layers, sr_allocation
 from streamprune.shapes import ModelShapes
 from streamprune.spec import LayerSpec
 from streamprune.textdata import calibration_windows, resolve_text_source

@@ -6,9 +6,11 @@ Fast-OND rotation + per-group value-dimension pruning, FFN channel pruning, and 
 Calibration (LC): a low-rank linear bypass fitted to the FFN's pruning residual on the
 ``mlp_num`` most linear layers.
 
-Passes (see :mod:`streamprune.methods.base`; their observers are in
-:mod:`streamprune.methods.olica_observers`; the FFN channel score and selection are
-LoRAP's too and live in :mod:`streamprune.methods.channels`):
+Files: this one (config, Linear Calibration, the method); ``olica_budget`` (ratio →
+knobs); ``olica_attention`` (Fast-OND, value scores); ``olica_observers`` (what each pass
+measures); the FFN channel score and selection are LoRAP's too (``channels``).
+
+Passes (see :mod:`streamprune.methods.base`):
 
 - survey (dense model, dense hidden states): per layer the FFN linearity score and the
   o_proj output energy (the Fast-OND statistic). A few floats per layer, journaled.
@@ -64,21 +66,22 @@ Ambiguities, and how they are resolved (official = the released code, ``utils/ll
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import RatioError
-from ..kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, truncated_svd, weighted_svd
+from ..kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, weighted_svd
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 from .base import Decision, Method
 from .channels import ffn_channel_scores, select_channels, slice_ffn
+from .olica_attention import exact_ond_transform, fast_ond_rotation, keep_lowest_dropped, slice_values, value_scores
+from .olica_budget import OlicaPlan, attention_knobs, budget_split, ffn_counts, layer_spec, pick_lc_layers
 from .olica_observers import LCObserver, PassAObserver, SurveyObserver
 
 OLICA_CONFIG_VERSION = 1
-_MAX_S_MLP = 0.95
 
 
 @dataclass(frozen=True)
@@ -111,194 +114,6 @@ class OlicaConfig:
             raise bad("exact_ond", "a bool")
         if self.svd_solver not in ("auto",) + SOLVERS:
             raise bad("svd_solver", f"one of {('auto',) + SOLVERS}")
-
-
-# ---- budget -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OlicaPlan:
-    """Whole-model knobs (all layers share them; LC layers add the bypass)."""
-
-    s_qk: float
-    s_vo: float
-    s_mlp: float
-    q_rank: int
-    k_rank: int
-    v_head_dim: int
-    n_keep_least: int  # FFN channels kept from the bottom of the ranking
-    n_ffn_pruned: int
-    lc_rank: int
-    lc_layers: tuple[int, ...]
-    lc_provisional: bool  # True until the survey picks the LC layers (totals are exact anyway)
-
-
-def sr_allocation(ratio: float, k: float) -> tuple[float, float]:
-    """Official ``sr_allocation``: ``(s_qk, s_vo)`` for target ``ratio``."""
-    s_vo = 2 * ratio / (1 + k)
-    s_qk = 2 * ratio if ratio <= 0.4 else k * s_vo
-    return s_qk, s_vo
-
-
-def awsvd_rank(m: int, n: int, s: float) -> int:
-    """Rank keeping ``(1 − s)`` of an m×n matrix's parameters: ``floor((1−s)·m·n/(m+n))``."""
-    return max(0, math.floor((1 - s) * m * n / (m + n)))
-
-
-def _spec(shapes: ModelShapes, q_rank: int, k_rank: int, v_head_dim: int, f: int, bypass: int) -> LayerSpec:
-    return replace(shapes.dense_spec(), q_rank=q_rank, k_rank=k_rank, v_head_dim=v_head_dim,
-                   intermediate_size=f, bypass_rank=bypass)
-
-
-def _attention_knobs(shapes: ModelShapes, s_qk: float, s_vo: float) -> tuple[int, int, int]:
-    d, h = shapes.hidden_size, shapes.head_dim
-    q_rank = awsvd_rank(shapes.num_heads * h, d, s_qk)
-    k_rank = awsvd_rank(shapes.num_kv_heads * h, d, s_qk)
-    return q_rank, k_rank, h - math.floor(s_vo * h)
-
-
-def budget_split(shapes: ModelShapes, ratio: float, k: float, lc_params: int) -> tuple[float, float, float]:
-    """``(s_qk, s_vo, s_mlp)``: s_mlp solved so the exact total, ``lc_params`` included, hits ``ratio``.
-
-    Raises :class:`RatioError` (with the reachable range) when s_mlp falls outside [0, 0.95].
-    """
-    s_qk, s_vo, s_mlp = _split(shapes, ratio, k, lc_params)
-    if not 0.0 <= s_mlp <= _MAX_S_MLP:
-        ranges = reachable_ratios(shapes, k, lc_params)
-        where = " ∪ ".join(f"[{a:.3f}, {b:.3f}]" for a, b in ranges) or "none"
-        why = (f"Q/K would keep no rank (s_qk = {s_qk:.3f})" if math.isinf(s_mlp) else
-               f"the FFN would have to lose {s_mlp:.1%} of its channels (allowed 0–{_MAX_S_MLP:.0%})")
-        raise RatioError(
-            f"--ratio {ratio} is unreachable with method olica on this model: {why}. Reachable ratios "
-            f"(k={k}, LC bypass {lc_params} params): {where}. Change --ratio (or --k / mlp_num)."
-        )
-    return s_qk, s_vo, s_mlp
-
-
-def _split(shapes: ModelShapes, ratio: float, k: float, lc_params: int) -> tuple[float, float, float]:
-    s_qk, s_vo = sr_allocation(ratio, k)
-    q_rank, k_rank, h_v = _attention_knobs(shapes, s_qk, s_vo)
-    if min(q_rank, k_rank, h_v) < 1:
-        return s_qk, s_vo, math.inf  # attention alone overshoots: nothing left to factorise
-    d, f, L = shapes.hidden_size, shapes.intermediate_size, shapes.num_layers
-    attn_removed = shapes.dense_spec().num_params() - _spec(shapes, q_rank, k_rank, h_v, f, 0).num_params()
-    need = ratio * shapes.total_params() + lc_params - L * attn_removed  # params the FFNs must lose
-    return s_qk, s_vo, need / (L * 3 * d * f)
-
-
-def reachable_ratios(shapes: ModelShapes, k: float, lc_params: int, step: float = 0.001) -> list[tuple[float, float]]:
-    """Intervals of ratios (on a ``step`` grid) whose s_mlp lies in [0, 0.95]."""
-    out: list[tuple[float, float]] = []
-    for i in range(1, round(1 / step)):
-        s = i * step
-        if 0.0 <= _split(shapes, s, k, lc_params)[2] <= _MAX_S_MLP:
-            if out and abs(out[-1][1] - (s - step)) < step / 2:
-                out[-1] = (out[-1][0], s)
-            else:
-                out.append((s, s))
-    return out
-
-
-def ffn_counts(f: int, s_mlp: float, keep_least_frac: float) -> tuple[int, int]:
-    """``(n_keep_least, n_pruned)``: keep the lowest ``floor(frac·f)``, prune the next ``floor(s_mlp·f)``."""
-    n_least = math.floor(keep_least_frac * f)
-    return n_least, min(math.floor(s_mlp * f), f - n_least - 1)
-
-
-def pick_lc_layers(scores: list[float], mlp_num: int) -> tuple[int, ...]:
-    """The ``mlp_num`` lowest linearity scores among all layers but the last (ties: lower index)."""
-    order = sorted(range(len(scores) - 1), key=lambda i: (scores[i], i))
-    return tuple(sorted(order[:mlp_num]))
-
-
-# ---- attention ----------------------------------------------------------------------------
-
-
-def _apply_value_basis(wv: Tensor, wo: Tensor, T: Tensor, T_inv_t: Tensor, hpg: int) -> tuple[Tensor, Tensor]:
-    """Values v ← v·T per group: ``Wv_g ← Tᵀ Wv_g``, ``Wo_q ← Wo_q T⁻ᵀ``. fp32 in, fp32 out."""
-    G, h, _ = T.shape
-    d = wv.shape[1]
-    wv_new = (T.transpose(1, 2) @ wv.reshape(G, h, d)).reshape(G * h, d)  # (G·h, d)
-    wo_new = torch.einsum("dgqi,gij->dgqj", wo.reshape(d, G, hpg, h), T_inv_t).reshape(d, G * hpg * h)
-    return wv_new, wo_new
-
-
-def _stacked_o(wo: Tensor, eo: Tensor, G: int, hpg: int, h: int) -> Tensor:
-    """(G, h, hpg·d): per group ``[Wo_q1ᵀ Dout, Wo_q2ᵀ Dout, …]``."""
-    d = wo.shape[0]
-    dout = eo.float().clamp_min(0).sqrt().to(wo.device)  # (d,)
-    return (wo.reshape(d, G, hpg, h) * dout[:, None, None, None]).permute(1, 3, 2, 0).reshape(G, h, hpg * d)
-
-
-def fast_ond_rotation(wv: Tensor, wo: Tensor, eo: Tensor, n_heads_per_group: int, head_dim: int,
-                      solver: str = "auto", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Fast-OND per KV group → ``(wv_rot (G·h, d), wo_rot (d, H·h), U (G, h, h))``, fp32.
-
-    ``M_g = [Wo_qᵀ Dout]_q = U Σ Vᵀ``; ``Wv_g ← Uᵀ Wv_g``, ``Wo_q ← Wo_q U``. U is orthogonal,
-    so the layer computes the same function.
-    """
-    h, hpg = head_dim, n_heads_per_group
-    G = wv.shape[0] // h
-    wv32, wo32 = wv.float(), wo.float()
-    M = _stacked_o(wo32, eo, G, hpg, h)
-    U = torch.stack([truncated_svd(M[g], h, solver=solver, seed=seed)[0] for g in range(G)])  # (G, h, h)
-    wv_rot, wo_rot = _apply_value_basis(wv32, wo32, U, U, hpg)
-    return wv_rot, wo_rot, U
-
-
-def exact_ond_transform(wv: Tensor, wo: Tensor, eo: Tensor, n_heads_per_group: int, head_dim: int,
-                        solver: str = "auto", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact OND (ablation, O(G·d²·(H/G)·d)): like :func:`fast_ond_rotation`, T not orthogonal."""
-    h, hpg = head_dim, n_heads_per_group
-    G, d = wv.shape[0] // h, wv.shape[1]
-    wv32, wo32 = wv.float(), wo.float()
-    M = _stacked_o(wo32, eo, G, hpg, h)
-    Ts, Tits = [], []
-    for g in range(G):
-        wv_g = wv32[g * h:(g + 1) * h]  # (h, d)
-        U_h = truncated_svd(wv_g.T @ M[g], h, solver=solver, seed=seed)[0]  # (d, h)
-        T_inv_t = wv_g @ U_h  # (h, h) = (U_hᵀ Wv_gᵀ)ᵀ
-        Ts.append(torch.linalg.inv(T_inv_t.T))
-        Tits.append(T_inv_t)
-    T = torch.stack(Ts)
-    wv_new, wo_new = _apply_value_basis(wv32, wo32, T, torch.stack(Tits), hpg)
-    return wv_new, wo_new, T
-
-
-def value_scores(wv_rot: Tensor, wo_rot: Tensor, ev: Tensor, o_grams: Tensor, T: Tensor, n_heads_per_group: int) -> Tensor:
-    """(G, h) importance of each value dimension in the new basis.
-
-    ``I_j = ‖|Wv_g[j,:]| ⊙ sqrt(ev)‖ + Σ_q ‖Wo_q[:, j]‖·sqrt(eoin[q, j])``, with the o_proj
-    input energy in the new basis ``eoin[q] = diag(Tᵀ G_q T)`` from the per-head Grams
-    ``o_grams`` (H, h, h) of the original basis.
-    """
-    G, h, _ = T.shape
-    d, hpg = wv_rot.shape[1], n_heads_per_group
-    v_part = (wv_rot * ev.float().sqrt()).norm(dim=1).reshape(G, h)
-    Tq = T.repeat_interleave(hpg, dim=0)  # (H, h, h)
-    eoin = ((o_grams.float() @ Tq) * Tq).sum(dim=1).clamp_min(0)  # (H, h)
-    o_part = wo_rot.reshape(d, G * hpg, h).norm(dim=0) * eoin.sqrt()  # (H, h)
-    return v_part + o_part.reshape(G, hpg, h).sum(dim=1)
-
-
-def keep_lowest_dropped(scores: Tensor, n_drop: int) -> Tensor:
-    """(G, h − n_drop) kept indices per row (ascending), dropping the ``n_drop`` lowest scores."""
-    order = torch.argsort(scores, dim=1, stable=True)
-    return torch.sort(order[:, n_drop:], dim=1).values
-
-
-def slice_values(wv: Tensor, wo: Tensor, keep: Tensor, n_heads_per_group: int,
-                 bv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Keep value dims ``keep`` (G, h_v) of every group: v rows, o columns of every query head."""
-    G, h_v = keep.shape
-    d = wv.shape[1]
-    h = wv.shape[0] // G
-    wv_s = torch.gather(wv.reshape(G, h, d), 1, keep[:, :, None].expand(G, h_v, d)).reshape(G * h_v, d)
-    wo4 = wo.reshape(d, G, n_heads_per_group, h)
-    idx = keep[None, :, None, :].expand(d, G, n_heads_per_group, h_v)
-    wo_s = torch.gather(wo4, 3, idx).reshape(d, G * n_heads_per_group * h_v)
-    bv_s = None if bv is None else torch.gather(bv.reshape(G, h), 1, keep).reshape(-1)
-    return wv_s, wo_s, bv_s
 
 
 # ---- FFN (scores and selection shared with LoRAP: streamprune.methods.channels) -------------
@@ -374,7 +189,7 @@ class Olica(Method):
         lc_rank = math.floor(cfg.lc_rank_ratio * d)
         mlp_num = min(cfg.mlp_num, L - 1) if lc_rank > 0 else 0
         s_qk, s_vo, s_mlp = budget_split(shapes, self.ratio, cfg.k, mlp_num * 2 * d * lc_rank)
-        q_rank, k_rank, h_v = _attention_knobs(shapes, s_qk, s_vo)
+        q_rank, k_rank, h_v = attention_knobs(shapes, s_qk, s_vo)
         n_least, n_pruned = ffn_counts(shapes.intermediate_size, s_mlp, cfg.keep_least_frac)
         if survey is not None:
             if len(survey) != L or any(not {"linearity", "o_out_energy"} <= set(s) for s in survey):
@@ -394,7 +209,7 @@ class Olica(Method):
     def _layer_spec(self, shapes: ModelShapes, i: int) -> LayerSpec:
         p = self.knobs
         f = shapes.intermediate_size - p.n_ffn_pruned
-        return _spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
+        return layer_spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
 
     # ---- survey -------------------------------------------------------------------------------
     def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> SurveyObserver:
