@@ -67,8 +67,8 @@ def main() -> None:
                 rec = {"row": row, "eval": ev, "max_windows": args.max_windows, "eval_dtype": args.eval_dtype, **res}
                 if report is not None:
                     run = report.get("run", report)  # a finished output returns its stored report
-                rec.update(achieved_ratio=report["achieved_ratio"], prune_wall_s=run.get("wall_s"),
-                           prune_peak_rss_bytes=run.get("peak_rss_bytes"), params=report["params_pruned"])
+                    rec.update(achieved_ratio=report["achieved_ratio"], prune_wall_s=run.get("wall_s"),
+                               prune_peak_rss_bytes=run.get("peak_rss_bytes"), params=report["params_pruned"])
                 with open(RESULTS, "a") as f:
                     f.write(json.dumps(rec, sort_keys=True) + "\n")
                 done[key] = rec

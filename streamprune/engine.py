@@ -168,6 +168,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
         out_specs[i] = type(specs[0]).from_dict(rec["spec"])
 
     # ---- the layer loop ---------------------------------------------------------------
+    startup_s = time.perf_counter() - t_start  # for a resume: time to get back to work
     done_s: list[float] = []
     bar = tqdm(range(start, shapes.num_layers), desc="prune", initial=start, total=shapes.num_layers, disable=not cfg.progress)
     with read_ahead(adapter, start, device, dtype) as ahead:
@@ -233,7 +234,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     }
     # Volatile facts (time, memory) go to the run directory, not into the output bytes,
     # so a resumed run's output is byte-identical to an uninterrupted one.
-    timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start, "forecast": fc.as_dict()}
+    timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start, "startup_s": round(startup_s, 2), "forecast": fc.as_dict()}
     if device.type == "cuda":
         timing["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     # The report's "run" block (time, peaks) is the only part of the output that may

@@ -12,6 +12,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, tests/reference
 from tiny import make_tiny_model  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the engine tests (cpu or cuda)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    return request.config.getoption("--device")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")

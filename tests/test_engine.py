@@ -46,9 +46,9 @@ def _engine_logits(run_dir, out, tokens):
         return torch.nn.functional.linear(norm(hidden), head)
 
 
-def test_streamed_equals_in_memory(tiny_model, tmp_path):
+def test_streamed_equals_in_memory(tiny_model, tmp_path, device):
     out = tmp_path / "out"
-    report = prune(PruneConfig(source=tiny_model, out=out, method="magnitude", ratio=0.2, keep_work=True, **CALIB))
+    report = prune(PruneConfig(source=tiny_model, out=out, method="magnitude", ratio=0.2, keep_work=True, device=device, dtype="float32", **CALIB))
     tokens = _tokens(tiny_model)
     method = build_method("magnitude", 0.2)
     method.plan(open_model(tiny_model).shapes())
@@ -63,9 +63,9 @@ def test_streamed_equals_in_memory(tiny_model, tmp_path):
     assert 0.19 <= report["achieved_ratio"] <= 0.21
 
 
-def test_ratio_zero_reproduces_dense_logits(tiny_model, tmp_path):
+def test_ratio_zero_reproduces_dense_logits(tiny_model, tmp_path, device):
     out = tmp_path / "out"
-    prune(PruneConfig(source=tiny_model, out=out, method="magnitude", ratio=0.0, **CALIB))
+    prune(PruneConfig(source=tiny_model, out=out, method="magnitude", ratio=0.0, device=device, dtype="float32", **CALIB))
     tokens = _tokens(tiny_model)[:2]
     dense = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     pruned = load_pruned(out).eval()
@@ -85,8 +85,8 @@ def test_output_loads_with_remote_code(tiny_llama, tmp_path):
     assert sum(f.startswith("model-layer-") for f in files) == 4
 
 
-def test_streamed_ppl_equals_in_memory(tiny_model):
-    cfg = EvalConfig(model=tiny_model, dataset="wikitext2", seqlen=64, max_windows=12, chunk_tokens=256, progress=False)
+def test_streamed_ppl_equals_in_memory(tiny_model, device):
+    cfg = EvalConfig(model=tiny_model, dataset="wikitext2", seqlen=64, max_windows=12, chunk_tokens=256, device=device, dtype="float32", progress=False)
     streamed, ref = perplexity(cfg), perplexity_in_memory(cfg)
     assert streamed["tokens"] == ref["tokens"] == 12 * 63
     assert abs(streamed["ppl"] / ref["ppl"] - 1) < 1e-4

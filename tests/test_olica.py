@@ -529,3 +529,12 @@ def test_e2e_resume_skips_survey_and_is_byte_identical(olica_runs, tmp_path, mon
     report = prune(cfg)
     assert surveyed == [] and report["resumed_from_layer"] == 2  # the journaled survey was reused
     assert digests(cfg.out) == digests(baseline.out)
+
+
+def test_lc_residual_ratio_from_moments_equals_explicit():
+    from streamprune.methods.olica import residual_ratio
+
+    g = torch.Generator().manual_seed(0)
+    X, E, M = torch.randn(200, 6, generator=g), torch.randn(200, 6, generator=g), torch.randn(6, 6, generator=g) * 0.1
+    explicit = ((E - X @ M).square().sum() / E.square().sum()).item()
+    assert abs(residual_ratio(X.T @ X, X.T @ E, E.square().sum(0), M) - explicit) < 1e-5

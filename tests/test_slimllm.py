@@ -1,4 +1,4 @@
-"""SlimLLM (``streamprune/methods/slimllm.py``): ratios, heads from moments, regressions, engine.
+"""SlimLLM (``streamprune/methods/slimllm*.py``): ratios, heads from moments, regressions, engine.
 
 Run: ``. .venv/bin/activate && python -m pytest tests/test_slimllm.py -q`` (about a minute on
 2 cores; the unit tests alone take a few seconds: ``-k "not end_to_end and not resume"``).
@@ -20,22 +20,10 @@ from streamprune import PruneConfig, load_pruned, prune
 from streamprune.adapters import open_model
 from streamprune.errors import ConfigError, RatioError
 from streamprune.methods import build_method
-from streamprune.methods import slimllm as slim
-from streamprune.methods.slimllm import (
-    HeadMoments,
-    SlimLLM,
-    SlimLLMConfig,
-    clamp_redistribute,
-    ffn_fit,
-    ffn_scores,
-    fold_regression,
-    head_pools,
-    head_scores,
-    heads_to_prune,
-    layer_ratios,
-    linear_fit,
-    select_heads,
-)
+from streamprune.methods.slimllm import SlimLLM, SlimLLMConfig, ffn_fit, ffn_scores
+from streamprune.methods.slimllm_budget import clamp_redistribute, heads_to_prune, layer_ratios
+from streamprune.methods.slimllm_heads import HeadMoments, fold_regression, head_pools, head_scores, linear_fit, select_heads
+from streamprune.methods.slimllm_observers import HeadObserver
 from streamprune.shapes import ModelShapes
 from streamprune.textdata import calibration_windows, resolve_text_source
 
@@ -187,7 +175,7 @@ def test_greedy_from_moments_matches_brute_force(G, m):
     H, swapped = 8, 0
     for seed in range(12):
         A, Wo, T = head_outputs(seed, H=H)
-        obs = slim._HeadObserver(Wo.float(), H, 4)
+        obs = HeadObserver(Wo.float(), H, 4)
         obs.rows = 5  # several row blocks per chunk
         for i in range(0, A.shape[0], 24):  # chunks, like the engine
             obs.update("o_proj", A[i:i + 24].float(), torch.empty(0))

@@ -160,6 +160,13 @@ def linear_calibration(n: int, sx: Tensor, xtx: Tensor, xte: Tensor, se: Tensor,
     return LCFit(A=A, B=B, W=W, rho=rho, weight=w, lam=lam)
 
 
+def residual_ratio(xtx: Tensor, xte: Tensor, see_diag: Tensor, M: Tensor) -> float:
+    """‖E − X M‖² / ‖E‖² on the calibration tokens, from moments (diagnostic, journaled)."""
+    M = M.float()
+    err = see_diag.sum() - 2 * (M * xte).sum() + ((xtx @ M) * M).sum()
+    return float(err / see_diag.sum().clamp_min(1e-30))
+
+
 # ---- the method --------------------------------------------------------------------------------
 
 
@@ -293,7 +300,8 @@ class Olica(Method):
         tensors = dict(decision.tensors)
         tensors["mlp.bypass.down.weight"] = fit.A.T.contiguous().to(dtype)  # (r, d): x ↦ x A
         tensors["mlp.bypass.up.weight"] = fit.B.T.contiguous().to(dtype)  # (d, r): z ↦ z B
-        info = {**decision.info, "lc_lambda": fit.lam, "lc_rho_mean": float(fit.rho.mean())}
+        info = {**decision.info, "lc_lambda": fit.lam, "lc_rho_mean": float(fit.rho.mean()),
+                "lc_residual_ratio": residual_ratio(m.xtx, m.xty, m.syy_diag, fit.A @ fit.B)}
         refined = Decision(decision.spec, tensors, info)
         refined.validate(layer_idx)
         return refined

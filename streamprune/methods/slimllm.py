@@ -5,6 +5,11 @@ grouped-query attention. Per-layer ratios from layer redundancy; attention heads
 Pearson similarity + greedy swap; FFN channels pruned by a PCA-weighted score; each part is
 followed by a per-output-dim linear regression folded into o_proj / down_proj (+ bias).
 
+Files: this one (config, the FFN score and regression, the method); ``slimllm_budget``
+(per-layer ratios, the knob solver); ``slimllm_heads`` (head scores, greedy swap, regression
+folding); ``slimllm_observers`` (what each pass measures); channel selection and slicing are
+shared with LoRAP and Olica (``channels``).
+
 Passes (see :mod:`streamprune.methods.base`):
 
 - survey (dense model, dense stream): ``c_l`` = mean over tokens of cos(layer out, layer in).
@@ -57,25 +62,23 @@ Where the paper is vague we follow the released code (``hf_prune.py``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import NumericalError, RatioError
-from ..kernels import Moments, energy
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 from .base import Decision, Method
 from .channels import ffn_channel_scores, select_channels, slice_ffn
+from .slimllm_budget import SlimLLMPlan, ffn_to_prune, heads_to_prune, solve_plan
+from .slimllm_heads import fold_regression, head_pools, linear_fit, select_heads, slice_heads
+from .slimllm_observers import BLOCK_ELEMS, FFNObserver, HeadObserver, SurveyObserver
 
 SLIMLLM_CONFIG_VERSION = 1
 REGIMES = ((0.35, 10.0, 26 / 32), (1.0, 7.0, 30 / 32))  # (ratio up to, alpha, n_p): official scripts
-_TOL = 0.01  # ratio contract: ±1 percentage point
-_ELEMS = 1 << 24  # fp32 elements of one head-output block (H, rows, d)
-_BLOCK = 4096
+_BLOCK = 4096  # down_proj columns scored at a time
 
 
 @dataclass(frozen=True)
@@ -105,240 +108,6 @@ class SlimLLMConfig:
         """``(alpha, n_p)`` for ``ratio``: the configured values, else the official regime's."""
         _, alpha, n_p = next(r for r in REGIMES if ratio <= r[0])
         return (alpha if self.alpha is None else float(self.alpha), n_p if self.n_p is None else float(self.n_p))
-
-
-# ---- per-layer ratios and the budget ------------------------------------------------------
-
-
-def clamp_redistribute(shares: Sequence[float], total: float, cap: float) -> list[float]:
-    """Split ``total`` in proportion to ``shares`` (>= 0) with no entry above ``cap``.
-
-    Water-filling: entries over ``cap`` are set to it and what is left is re-split among the
-    others in proportion to their shares, until none exceeds it.
-    """
-    out, free, left = [0.0] * len(shares), [i for i, s in enumerate(shares) if s > 0], total
-    while free:
-        w = sum(shares[i] for i in free)
-        over = [i for i in free if left * shares[i] / w > cap]
-        if not over:
-            for i in free:
-                out[i] = left * shares[i] / w
-            break
-        for i in over:
-            out[i] = cap
-        left -= cap * len(over)
-        free = [i for i in free if i not in over]
-    return out
-
-
-def layer_ratios(cos: Sequence[float], r: float, n_p: int, alpha: float, r_max: float) -> list[float]:
-    """``r_l``: ``r·N_p·softmax(α c_S)`` on the ``n_p`` largest ``cos`` (ties: lower index), clamped."""
-    chosen = sorted(sorted(range(len(cos)), key=lambda i: (-cos[i], i))[:n_p])
-    shares = torch.softmax(alpha * torch.tensor([float(cos[i]) for i in chosen], dtype=torch.float64), 0).tolist()
-    out = [0.0] * len(cos)
-    for i, v in zip(chosen, clamp_redistribute(shares, r * len(chosen), r_max)):
-        out[i] = v
-    return out
-
-
-def head_pools(num_heads: int, num_kv_heads: int) -> list[list[int]]:
-    """Heads that compete for the pruned slots: the whole layer (MHA) or each KV group (GQA)."""
-    hpg = num_heads // num_kv_heads
-    if hpg == 1:
-        return [list(range(num_heads))]
-    return [list(range(g * hpg, (g + 1) * hpg)) for g in range(num_kv_heads)]
-
-
-def heads_to_prune(r_l: float, num_heads: int, num_kv_heads: int) -> int:
-    """Heads pruned per pool: ``round(r_l·H)`` (MHA) or ``round(r_l·H/G)`` per KV group."""
-    pool = num_heads if num_heads == num_kv_heads else num_heads // num_kv_heads
-    return round(r_l * pool)
-
-
-def ffn_to_prune(r_l: float, f: int, keep_least_frac: float) -> int:
-    return min(round(r_l * f), f - math.floor(keep_least_frac * f) - 1)
-
-
-def layer_spec(shapes: ModelShapes, r_heads: float, r_ffn: float, keep_least_frac: float) -> LayerSpec:
-    """The spec of a layer losing a fraction ``r_heads`` of its heads and ``r_ffn`` of its channels."""
-    dense = shapes.dense_spec()
-    H, G = shapes.num_heads, shapes.num_kv_heads
-    n = heads_to_prune(r_heads, H, G)
-    kv, hpg = (H - n, 1) if H == G else (G, H // G - n)
-    if kv == 0 or hpg == 0:
-        kv = hpg = 0
-    n_ffn = ffn_to_prune(r_ffn, shapes.intermediate_size, keep_least_frac)
-    return replace(dense, num_kv_heads=kv, heads_per_group=hpg, o_bias=dense.o_bias or n > 0,
-                   intermediate_size=shapes.intermediate_size - n_ffn, down_bias=n_ffn > 0)
-
-
-@dataclass(frozen=True)
-class SlimLLMPlan:
-    alpha: float
-    n_p: int
-    r: float  # the solved knob: mean r_l over the N_p pruned layers
-    ffn_scale: float  # β: FFN channels use min(β·r_l, r_max); 1 unless heads alone miss (note 2)
-    ratios: tuple[float, ...]  # r_l per layer (heads)
-    ffn_ratios: tuple[float, ...]  # min(β·r_l, r_max) per layer (FFN channels)
-    specs: tuple[LayerSpec, ...]
-    achieved: float
-    provisional: bool  # True until the survey's c_l are known (shapes-only plan)
-
-
-def _closest(fn, lo: float, hi: float, target: float) -> tuple[tuple, tuple]:
-    """Bisection on a knob x in [lo, hi]; ``fn(x)`` is a tuple whose last item, the achieved ratio,
-    is nondecreasing in x. Returns the results on either side of ``target``, the closer first."""
-    (xa, a), (xb, b) = (lo, fn(lo)), (hi, fn(hi))
-    if a[-1] < target < b[-1]:
-        for _ in range(60):  # achieved(a) < target <= achieved(b)
-            xm = (xa + xb) / 2
-            m = fn(xm)
-            (xa, a), (xb, b) = ((xm, m), (xb, b)) if m[-1] < target else ((xa, a), (xm, m))
-    return (a, b) if abs(a[-1] - target) < abs(b[-1] - target) else (b, a)
-
-
-def solve_plan(shapes: ModelShapes, cos: Sequence[float], target: float, alpha: float, n_p: int,
-               r_max: float, keep_least_frac: float) -> tuple[float, float, list[float], list[float], list[LayerSpec], float]:
-    """``(r, β, ratios, ffn_ratios, specs, achieved)`` with ``|achieved − target| <= 0.01``.
-
-    First the paper's rule: one r_l per layer for heads and channels (β = 1), r by bisection.
-    When whole heads make every r miss by more than 0.01, the heads keep the r on either side
-    of the target and the FFN share β is solved instead (the side with β nearer 1 wins).
-    """
-
-    def build(r: float, beta: float) -> tuple:
-        ratios = layer_ratios(cos, r, n_p, alpha, r_max)
-        ffn = [min(beta * x, r_max) for x in ratios]
-        specs = [layer_spec(shapes, x, y, keep_least_frac) for x, y in zip(ratios, ffn)]
-        return r, beta, ratios, ffn, specs, shapes.achieved_ratio(specs)
-
-    best, other = _closest(lambda r: build(r, 1.0), 0.0, r_max, target)
-    if abs(best[-1] - target) <= _TOL:
-        return best
-    found = []
-    for r, _, ratios, *_ in (best, other):
-        beta_max = max(1.0, r_max / min((x for x in ratios if x > 0), default=r_max))
-        got = _closest(lambda beta, r=r: build(r, beta), 0.0, beta_max, target)[0]
-        if abs(got[-1] - target) <= _TOL:
-            found.append(got)
-    if not found:
-        raise RatioError(
-            f"--ratio {target} is unreachable with method slimllm on this model: with {n_p} of "
-            f"{shapes.num_layers} layers pruned (r_max={r_max}) it removes at most "
-            f"{build(r_max, 1.0)[-1]:.3f} of the parameters, and the nearest total to {target} is "
-            f"{best[-1]:.4f}. Change --ratio, or --option n_p / r_max."
-        )
-    return min(found, key=lambda t: abs(math.log(max(t[1], 1e-9))))
-
-
-# ---- heads: moments, scores, greedy swap ------------------------------------------------------
-
-
-def _abs_pearson_sum(n: float, sx: Tensor, sy: Tensor, sxx: Tensor, syy: Tensor, sxy: Tensor, eps: float = 1e-12) -> Tensor:
-    """``Σ_c |ρ_c|`` over the last dim, float64; a degenerate column contributes 0."""
-    cov = n * sxy - sx * sy
-    vx, vy = n * sxx - sx * sx, n * syy - sy * sy
-    ok = (vx > eps * (n * sxx).abs()) & (vy > eps * (n * syy).abs()) & (vx > 0) & (vy > 0)
-    rho = torch.where(ok, cov / torch.where(ok, (vx * vy).sqrt(), torch.ones_like(vx)), torch.zeros_like(cov))
-    return rho.abs().clamp(max=1.0).sum(-1)
-
-
-@dataclass
-class HeadMoments:
-    """Cross moments of the per-head o_proj contributions ``T_i`` (tokens, d), float64."""
-
-    n: int
-    M: Tensor  # (d, H, H) Σ_t T_i[t,c]·T_j[t,c]
-    S: Tensor  # (H, d) Σ_t T_i[t,c]
-
-    def __post_init__(self) -> None:
-        self.M, self.S = self.M.double(), self.S.double()
-        self.M1 = self.M.sum(2).T.contiguous()  # (H, d) Σ_j M[c,i,j] = Σ_t T_i·Y
-        self.Md = self.M.diagonal(dim1=1, dim2=2).T.contiguous()  # (H, d) Σ_t T_i²
-        self.sy, self.syy = self.S.sum(0), self.M1.sum(0)  # (d,) Σ Y, Σ Y²
-
-    def fit_terms(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(Σx, Σx², Σxy)`` per column for ``x = Σ_i w_i T_i``; w (H,) float64."""
-        return w @ self.S, torch.einsum("i,cij,j->c", w, self.M, w), w @ self.M1
-
-    def corr(self, w: Tensor) -> float:
-        sx, sxx, sxy = self.fit_terms(w)
-        return float(_abs_pearson_sum(self.n, sx, self.sy, sxx, self.syy, sxy))
-
-
-def head_scores(hm: HeadMoments) -> Tensor:
-    """(H,) ``s_i = Σ_c |Pearson(Y − T_i, Y)|``: large = removing head i changes little."""
-    sx, sxx, sxy = hm.sy - hm.S, hm.syy - 2 * hm.M1 + hm.Md, hm.syy - hm.M1
-    return _abs_pearson_sum(hm.n, sx, hm.sy, sxx, hm.syy, sxy)
-
-
-def select_heads(hm: HeadMoments, pools: list[list[int]], n_prune: int) -> tuple[list[int], Tensor]:
-    """Kept heads (ascending) and the scores: the ``n_prune`` top-scored heads of every pool are
-    pruned, then the greedy swap (note 5) maximises ``corr(Σ_kept T, Y)``."""
-    s = head_scores(hm).tolist()
-    slots, pruned = [], []
-    for pool in pools:
-        order = sorted(pool, key=lambda i: (-s[i], i))
-        pruned += order[:n_prune]
-        slots.append(order[n_prune:])
-    pool_of = {i: k for k, pool in enumerate(pools) for i in pool}
-    w = torch.zeros(len(pool_of), dtype=torch.float64, device=hm.S.device)
-    w[torch.tensor([i for sl in slots for i in sl], dtype=torch.long, device=w.device)] = 1.0
-    best = hm.corr(w)
-    for p in sorted(pruned, key=lambda i: (-s[i], i)):
-        sl = slots[pool_of[p]]
-        if not sl:
-            continue
-        J = torch.tensor(sl, device=w.device)
-        u = torch.einsum("cij,j->ic", hm.M, w)  # (H, d) Σ_t T_i·x
-        sx0, sxx0, sxy0 = hm.fit_terms(w)
-        # x' = x − T_j + T_p for every kept slot j at once: rank-2 updates of the moments
-        sx = sx0 - hm.S[J] + hm.S[p]
-        sxx = sxx0 - 2 * u[J] + 2 * u[p] + hm.Md[J] + hm.Md[p] - 2 * hm.M[:, J, p].T
-        sxy = sxy0 - hm.M1[J] + hm.M1[p]
-        cand = _abs_pearson_sum(hm.n, sx, hm.sy, sxx, hm.syy, sxy)  # (|J|,)
-        k = int(torch.argmax(cand))  # first maximum, as the official j-loop with a strict ">"
-        if float(cand[k]) > best:
-            best, w[sl[k]], w[p], sl[k] = float(cand[k]), 0.0, 1.0, p
-    return sorted(i for sl in slots for i in sl), torch.tensor(s)
-
-
-def linear_fit(n: float, sx: Tensor, sy: Tensor, sxx: Tensor, sxy: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
-    """Per-column least squares ``y ≈ a·x + b`` from moments (``np.polyfit(x, y, 1)``), float64."""
-    sx, sy, sxx, sxy = (t.double() for t in (sx, sy, sxx, sxy))
-    vx, cov = n * sxx - sx * sx, n * sxy - sx * sy
-    ok = vx > eps * (n * sxx).abs()
-    a = torch.where(ok, cov / torch.where(ok, vx, torch.ones_like(vx)), torch.zeros_like(vx))
-    return a, (sy - a * sx) / n
-
-
-def fold_regression(weight: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(diag(a)·W, b + bias)``: the linear layer then outputs ``a ⊙ (W z) + b (+ bias)``.
-    Computed in fp32 (or the weight's dtype if wider), returned in the weight's dtype."""
-    ct = torch.promote_types(weight.dtype, torch.float32)
-    a, b = a.to(weight.device, ct), b.to(weight.device, ct)
-    new_b = b if bias is None else b + bias.to(ct)
-    return (weight.to(ct) * a[:, None]).to(weight.dtype), new_b.to(weight.dtype)
-
-
-def slice_heads(weights: dict[str, Tensor], kept: list[int], num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Tensor]:
-    """Keep query heads ``kept`` (their q rows, o columns) and the KV groups they use."""
-    hpg, h = num_heads // num_kv_heads, head_dim
-    out = {k: v for k, v in weights.items() if not k.startswith("self_attn.")}
-    if "self_attn.o_proj.bias" in weights:
-        out["self_attn.o_proj.bias"] = weights["self_attn.o_proj.bias"]
-    if not kept:
-        return out
-    dev = weights["self_attn.q_proj.weight"].device
-    q_rows = torch.tensor([i * h + c for i in kept for c in range(h)], device=dev)
-    kv_rows = torch.tensor([g * h + c for g in sorted({i // hpg for i in kept}) for c in range(h)], device=dev)
-    for p, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
-        for kind in ("weight", "bias"):
-            name = f"self_attn.{p}_proj.{kind}"
-            if name in weights:
-                out[name] = weights[name][rows].contiguous()
-    out["self_attn.o_proj.weight"] = weights["self_attn.o_proj.weight"][:, q_rows].contiguous()
-    return out
 
 
 # ---- FFN: score and regression from pass-B moments ------------------------------------------
@@ -384,84 +153,13 @@ def ffn_fit(n: int, gram: Tensor, sh: Tensor, down: Tensor, keep: Tensor) -> tup
     wk[:, keep] = wd[:, keep]
     g, sh = gram.float(), sh.float()
     sxx, sxy, syy = (torch.empty(wd.shape[0], device=wd.device) for _ in range(3))
-    blk = max(1, _ELEMS // wd.shape[1])
+    blk = max(1, BLOCK_ELEMS // wd.shape[1])
     for i in range(0, wd.shape[0], blk):
         zd, zk = g @ wd[i:i + blk].T, g @ wk[i:i + blk].T  # (f, b)
         syy[i:i + blk] = (wd[i:i + blk].T * zd).sum(0)
         sxy[i:i + blk] = (wk[i:i + blk].T * zd).sum(0)
         sxx[i:i + blk] = (wk[i:i + blk].T * zk).sum(0)
     return linear_fit(n, wk @ sh, wd @ sh, sxx, sxy)
-
-
-# ---- observers ------------------------------------------------------------------------------------
-
-
-class _SurveyObserver:
-    """Σ over tokens of cos(layer output, layer input), float64."""
-
-    taps = frozenset({"layer"})
-
-    def __init__(self) -> None:
-        self.total, self.n = 0.0, 0
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        for i in range(0, x_in.shape[0], _BLOCK):
-            cos = F.cosine_similarity(y_out[i:i + _BLOCK].float(), x_in[i:i + _BLOCK].float(), dim=-1)
-            self.total += float(cos.double().sum())
-        self.n += x_in.shape[0]
-
-
-class _HeadObserver:
-    """Pass A: ``M`` (d, H, H) and ``S`` (H, d) of ``T_i = A_i Wo_iᵀ``, fp32, a row block at a time."""
-
-    taps = frozenset({"o_proj"})
-
-    def __init__(self, wo: Tensor, num_heads: int, head_dim: int):
-        d = wo.shape[0]
-        self.H, self.h = num_heads, head_dim
-        self.wo = wo.float().reshape(d, num_heads, head_dim).permute(1, 2, 0).contiguous()  # (H, h, d)
-        self.M = torch.zeros(d, num_heads, num_heads, device=wo.device)
-        self.S = torch.zeros(num_heads, d, device=wo.device)
-        self.n, self.rows = 0, max(1, _ELEMS // (num_heads * d))
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        for i in range(0, x_in.shape[0], self.rows):
-            a = x_in[i:i + self.rows].float().reshape(-1, self.H, self.h).transpose(0, 1)  # (H, t, h)
-            T = torch.bmm(a, self.wo)  # (H, t, d) head contributions
-            Tc = T.permute(2, 0, 1).contiguous()  # (d, H, t): a strided bmm is ~5x slower on CPU
-            self.M.baddbmm_(Tc, Tc.transpose(1, 2))
-            self.S += T.sum(1)
-        self.n += x_in.shape[0]
-
-    def moments(self) -> HeadMoments:
-        if not (torch.isfinite(self.M).all() and torch.isfinite(self.S).all()):
-            raise NumericalError("NaN/Inf in slimllm head statistics; run with --dtype float32 or check the data")
-        return HeadMoments(self.n, self.M, self.S)
-
-
-class _FFNObserver:
-    """Pass B (attention already pruned): H moments with Gram, MLP-input energy, y moments."""
-
-    taps = frozenset({"mlp", "down_proj"})
-
-    def __init__(self) -> None:
-        self.h: Moments | None = None  # down_proj input H: n, sx = ΣH, sxx_diag, xtx = HᵀH
-        self.y: Moments | None = None  # down_proj output: sx, xtx
-        self.ex: Tensor | None = None
-
-    def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        if tap == "mlp":
-            e = energy(x_in)
-            self.ex = e if self.ex is None else self.ex + e
-            return
-        if self.h is None:
-            self.h = Moments(x_in.shape[1], device=x_in.device)
-            self.y = Moments(y_out.shape[1], device=y_out.device)
-        self.h.update(x_in)
-        self.y.update(y_out)
-
-    def y_cov(self) -> Tensor:
-        return self.y.xtx - torch.outer(self.y.sx, self.y.sx) / self.y.n
 
 
 # ---- the method --------------------------------------------------------------------------------
@@ -510,13 +208,13 @@ class SlimLLM(Method):
         """Pass B: Gram f², y moments + eigh 3·d², fp32 Wd copies 2·d·f, fit blocks; pass A:
         M in fp32 + float64 (and its derived copies) ~24·d·H², head-output blocks."""
         d, f, H = shapes.hidden_size, shapes.intermediate_size, shapes.num_heads
-        return 4 * (f * f + 3 * d * d + 2 * d * f + 4 * _ELEMS) + 24 * d * H * H
+        return 4 * (f * f + 3 * d * d + 2 * d * f + 4 * BLOCK_ELEMS) + 24 * d * H * H
 
     # ---- survey -------------------------------------------------------------------------------
-    def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> _SurveyObserver:
-        return _SurveyObserver()
+    def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> SurveyObserver:
+        return SurveyObserver()
 
-    def survey_result(self, layer_idx: int, observer: _SurveyObserver) -> dict[str, Tensor]:
+    def survey_result(self, layer_idx: int, observer: SurveyObserver) -> dict[str, Tensor]:
         if observer.n == 0 or not math.isfinite(observer.total):
             raise NumericalError(f"slimllm survey of layer {layer_idx}: no tokens or NaN/Inf cosine similarity")
         return {"cos": torch.tensor(observer.total / observer.n, dtype=torch.float64)}
@@ -525,12 +223,12 @@ class SlimLLM(Method):
     def observer(self, layer_idx: int, pass_name: str, weights: dict[str, Tensor]):
         s, spec = self._shapes, self.knobs.specs[layer_idx]
         if pass_name == "A" and spec.num_heads < s.num_heads:
-            return _HeadObserver(weights["self_attn.o_proj.weight"], s.num_heads, s.head_dim)
+            return HeadObserver(weights["self_attn.o_proj.weight"], s.num_heads, s.head_dim)
         if pass_name == "B" and spec.intermediate_size < s.intermediate_size:
-            return _FFNObserver()
+            return FFNObserver()
         return None
 
-    def decide(self, layer_idx: int, weights: dict[str, Tensor], observer: _HeadObserver | None) -> Decision:
+    def decide(self, layer_idx: int, weights: dict[str, Tensor], observer: HeadObserver | None) -> Decision:
         if self.knobs.provisional:
             raise RuntimeError("SlimLLM.decide needs the survey: call plan(shapes, survey) first")
         s, spec, r_l = self._shapes, self.knobs.specs[layer_idx], self.knobs.ratios[layer_idx]
@@ -554,7 +252,7 @@ class SlimLLM(Method):
         staged = replace(spec, intermediate_size=s.intermediate_size, down_bias="mlp.down_proj.bias" in weights)
         return Decision(staged, out, info)
 
-    def refine(self, layer_idx: int, decision: Decision, observer: _FFNObserver | None) -> Decision:
+    def refine(self, layer_idx: int, decision: Decision, observer: FFNObserver | None) -> Decision:
         if observer is None:
             return decision
         s, spec, r_ffn = self._shapes, self.knobs.specs[layer_idx], self.knobs.ffn_ratios[layer_idx]
