@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from . import atomic
+from .prefetch import Prefetcher, stage_on_host, to_device
 
 MARKER = "complete.json"
 
@@ -44,13 +45,21 @@ class ActivationCache:
         return BoundaryWriter(self, folder)
 
     def read(self, layer: int, device=None) -> Iterator[torch.Tensor]:
-        """Chunks of boundary ``layer`` in order, each (rows, seqlen, d)."""
+        """Chunks of boundary ``layer`` in order, each (rows, seqlen, d), on ``device``.
+
+        The next chunk is read (pinned on CUDA) on a background thread while the caller
+        computes on this one."""
         folder = self.boundary_dir(layer)
-        for c in range(self.num_chunks(layer)):
+        target = torch.device("cpu") if device is None else torch.device(device)
+
+        def load(c: int) -> torch.Tensor:
             with safe_open(folder / f"chunk_{c:05d}.safetensors", framework="pt") as f:
-                t = f.get_tensor("hidden")
-            self.bytes_read += t.numel() * t.element_size()
-            yield t if device is None else t.to(device, non_blocking=True)
+                return stage_on_host(f.get_tensor("hidden"), target)  # bytes resident, off the mmap
+
+        with Prefetcher(load, range(self.num_chunks(layer))) as ahead:
+            for t in ahead:
+                self.bytes_read += t.numel() * t.element_size()
+                yield to_device(t, target)
 
     def drop(self, layer: int) -> None:
         shutil.rmtree(self.boundary_dir(layer), ignore_errors=True)
