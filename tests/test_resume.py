@@ -111,3 +111,34 @@ def test_disk_full_reports_layer_and_resumes(tiny_llama, tmp_path, monkeypatch, 
     report = prune(cfg)
     assert report["run"]["resumed_from_layer"] == 2 if "run" in report else True
     assert digests(out) == baseline
+
+
+def test_sigterm_stops_after_commit_then_resumes(tiny_llama, tmp_path, monkeypatch, capsys, baseline):
+    import signal
+
+    from streamprune import writer
+    from streamprune.cli import main
+
+    out = tmp_path / "out"
+    real = writer.save_layer
+
+    def signal_during_layer_1(staging, i, tensors, dtype):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-write: must not cut the layer
+        return real(staging, i, tensors, dtype)
+
+    monkeypatch.setattr(writer, "save_layer", signal_during_layer_1)
+    cmd = ["prune", str(tiny_llama), "--out", str(out), "--method", "magnitude", "--ratio", "0.3", *ARGS[:-1], "--no-progress"]
+    assert main(cmd) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after committing layer 1" in err and "run the same command again" in err
+    assert not out.exists()
+    # the state is readable, then the same command resumes at layer 2
+    assert main(["inspect", str(tmp_path / "out.work")]) == 0
+    state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert state["layers_done"] == 2 and state["num_layers"] == 4 and not state["complete"]
+    monkeypatch.setattr(writer, "save_layer", real)
+    assert main(cmd) == 0
+    capsys.readouterr()
+    assert json.loads((out / "streamprune_report.json").read_text())["run"]["resumed_from_layer"] == 2
+    assert digests(out) == baseline
