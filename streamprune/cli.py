@@ -30,7 +30,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default="olica", help="pruning method (default: olica)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. --option mlp_num=4")
-    p.add_argument("--calib", default="c4", help="calibration text: c4|wikitext2|ptb, a .txt/.jsonl path, or a datasets name")
+    p.add_argument("--calib", default="c4", help="calibration text: c4|wikitext2|ptb, a .txt/.jsonl path, or hf:NAME[:CONFIG[:SPLIT]] (needs `datasets`, online)")
     p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (default 128)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
