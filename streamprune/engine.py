@@ -26,6 +26,7 @@ from .interrupts import graceful_stop
 from .journal import RunDir, digest
 from .methods import build_method
 from .prefetch import Prefetcher, stage_on_host, to_device
+from .spec import LayerSpec
 from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
 from .stream import embed_to_boundary, observe, position_embeddings, propagate
 from .textdata import calibration_windows, resolve_text_source
@@ -132,7 +133,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     preflight.check(fc, device, gpu_budget)
     preflight.cap_gpu(device, gpu_budget)
 
-    job = {"source": str(cfg.source), "out": str(cfg.out), "num_layers": shapes.num_layers, "command": cfg.method}
+    job = {"source": str(cfg.source), "out": str(cfg.out), "num_layers": shapes.num_layers, "method": cfg.method}
     records = run.open(fp, fresh=cfg.fresh, job=job)
     run.verify(records)
     committed = run.committed_layers(records)
@@ -148,8 +149,9 @@ def _prune(cfg: PruneConfig, stop) -> dict:
         if survey is None:
             tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
             survey_cache = ActivationCache(run.acts / "survey")
-            embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
-            survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress)
+            with disk_errors("the survey activations", run):
+                embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
+                survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress)
             survey_cache.clear()
             with disk_errors("the survey results", run):
                 run.save_survey(survey)
@@ -165,7 +167,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
         raise StreamPruneError(f"activation boundary {start} is missing from {run.acts}; rerun with --fresh")
     out_specs = [None] * shapes.num_layers
     for i, rec in committed.items():
-        out_specs[i] = type(specs[0]).from_dict(rec["spec"])
+        out_specs[i] = LayerSpec.from_dict(rec["spec"])
 
     # ---- the layer loop ---------------------------------------------------------------
     startup_s = time.perf_counter() - t_start  # for a resume: time to get back to work
