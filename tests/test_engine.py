@@ -1,6 +1,6 @@
 """Streaming engine contract on tiny random GQA models (Llama, Qwen2 with q/k/v bias).
 
-Run: ``.venv/bin/pytest tests/test_engine.py -q``
+Run: ``.venv/bin/pytest tests/test_engine.py -q`` (on a GPU machine add ``--device cuda``)
 """
 
 from __future__ import annotations
