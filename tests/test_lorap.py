@@ -6,14 +6,11 @@ cases are ``-k "end_to_end or resume"``, the unit tests alone take a second: ``-
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from reference import logits_of, prune_in_memory
 from streamprune import PruneConfig, load_pruned, prune
@@ -32,13 +29,13 @@ from streamprune.methods.lorap import (
     solve_fraction,
 )
 from streamprune.shapes import ModelShapes
-from streamprune.textdata import calibration_windows, resolve_text_source
+from test_engine import CALIB, _output_tensors, _tokens
+from test_resume import digests
 
 LLAMA_7B = ModelShapes(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32,
                        head_dim=128, vocab_size=32000, tie_word_embeddings=False)
 SMOLLM2 = ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
                       head_dim=64, vocab_size=49152, tie_word_embeddings=True)
-CALIB = dict(calib="c4", nsamples=8, seqlen=32, seed=0, chunk_tokens=96, progress=False)  # 3 rows/chunk: 3 chunks
 
 
 # ---- rank allocation and the ratio solver (shapes only) ------------------------------------
@@ -167,18 +164,6 @@ def test_select_channels_keeps_least_then_prunes_next():
 # ---- end to end on tiny GQA models --------------------------------------------------------------
 
 
-def _tokens(folder):
-    tok = AutoTokenizer.from_pretrained(folder)
-    return calibration_windows(tok, resolve_text_source("c4"), CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
-
-
-def _output_tensors(out):
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_end_to_end(tiny_model, tmp_path, ratio):
     """Achieved ratio, streamed == in-memory, and the output loads (local class and remote code).
@@ -217,10 +202,6 @@ def test_end_to_end(tiny_model, tmp_path, ratio):
     torch.testing.assert_close(logits_of(remote, tokens[:2]), logits_of(local, tokens[:2]), rtol=0, atol=0)
 
 
-def _sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_resume_is_byte_identical(tiny_qwen2, tmp_path, monkeypatch):
     """Interrupted after layer 1's decision, then rerun: same bytes as an uninterrupted run."""
     cfg = dict(source=tiny_qwen2, method="lorap", ratio=0.3, **CALIB)
@@ -240,14 +221,5 @@ def test_resume_is_byte_identical(tiny_qwen2, tmp_path, monkeypatch):
     resumed = prune(PruneConfig(out=tmp_path / "out2", **cfg))
     assert resumed["resumed_from_layer"] == 2
 
-    out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    names = sorted(p.name for p in out1.iterdir())
-    assert names == sorted(p.name for p in out2.iterdir())
-    report = "streamprune_report.json"
-    assert report in names
-    for name in names:
-        if name != report:
-            assert _sha256(out1 / name) == _sha256(out2 / name), name
-    r1, r2 = (json.loads((o / report).read_text()) for o in (out1, out2))
-    r1.pop("run"), r2.pop("run")
-    assert r1 == r2
+    # every output file sha256-equal; the report compared without its volatile "run" block
+    assert digests(tmp_path / "out1") == digests(tmp_path / "out2")
