@@ -7,7 +7,6 @@ no disk cache and no chunking, so "streamed == in-memory" tests the streaming pl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from streamprune.adapters import open_model

@@ -8,7 +8,6 @@ chosen so the achieved total reduction is the closest reachable to ``ratio``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

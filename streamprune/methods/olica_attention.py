@@ -53,7 +53,7 @@ def exact_ond_transform(wv: Tensor, wo: Tensor, eo: Tensor, n_heads_per_group: i
                         solver: str = "auto", seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Exact OND (ablation, O(G·d²·(H/G)·d)): like :func:`fast_ond_rotation`, T not orthogonal."""
     h, hpg = head_dim, n_heads_per_group
-    G, d = wv.shape[0] // h, wv.shape[1]
+    G = wv.shape[0] // h
     wv32, wo32 = wv.float(), wo.float()
     M = _stacked_o(wo32, eo, G, hpg, h)
     Ts, Tits = [], []
