@@ -8,13 +8,16 @@ the first ``DEMO_WINDOWS`` windows unless ``full``), and prints a small table.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .config import PruneConfig
 from .demo_model import default_cache_dir, ensure_demo_model
 from .engine import prune
+from .errors import OutputError
 from .evaluate import EvalConfig, perplexity
 
 DEMO_WINDOWS = 64
@@ -29,10 +32,18 @@ def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, 
     t0 = time.perf_counter()
     method = method or best_method()
     model = ensure_demo_model()
+    own_out = out is None  # the demo's own cache folder may be replaced; a user's --out never is
     out = out or default_cache_dir() / "demo-out" / f"smollm2-{method}-{int(round(ratio * 100))}"
     windows = None if full else DEMO_WINDOWS
     dense = perplexity(EvalConfig(model=model, dataset="wikitext2", seqlen=128, max_windows=windows))
-    report = prune(PruneConfig(source=model, out=out, method=method, ratio=ratio, calib="c4", nsamples=nsamples or DEMO_NSAMPLES, seqlen=128))
+    cfg = PruneConfig(source=model, out=out, method=method, ratio=ratio, calib="c4", nsamples=nsamples or DEMO_NSAMPLES, seqlen=128)
+    try:
+        report = prune(cfg)
+    except OutputError:
+        if not own_out:
+            raise
+        shutil.rmtree(out)  # a demo output of an older version or other settings
+        report = prune(replace(cfg, fresh=True))
     pruned = perplexity(EvalConfig(model=out, dataset="wikitext2", seqlen=128, max_windows=windows))
     run = report.get("run", report)
     rows = [
