@@ -57,18 +57,10 @@ def save_outer(staging: Path, tensors: dict[str, torch.Tensor], dtype: torch.dty
 
 def pruned_config(source_config, specs: list[LayerSpec], dtype: torch.dtype) -> "sp.StreamPruneConfig":
     """The output config: the source's fields + per-layer specs + auto_map."""
-    fields = source_config.to_dict()
-    source_type = fields.pop("model_type", None)
-    for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "layer_types", "dtype", "torch_dtype"):
-        fields.pop(key, None)
-    if source_type == "streamprune":
-        source_type = fields.pop("source_model_type", "llama")
-    fields.pop("layer_specs", None)
-    cfg = sp.StreamPruneConfig(
-        **fields,
-        layer_specs=[s.to_dict() for s in specs],
-        source_model_type=source_type,
-    )
+    overrides = {}
+    if getattr(source_config, "model_type", None) == "streamprune":  # re-pruning an output
+        overrides["source_model_type"] = source_config.source_model_type
+    cfg = sp.StreamPruneConfig.from_source(source_config, specs, **overrides)
     cfg.architectures = ["StreamPruneForCausalLM"]
     cfg.auto_map = dict(AUTO_MAP)
     cfg.dtype = dtype
