@@ -76,6 +76,8 @@ class Method:
     # again, exactly as in pass A; Olica's Linear Calibration fits the *dense* layer's MLP
     # input and needs the dense FFN's intermediate activations next to it).
     pass_b_layer: str = "pruned"
+    # Bumped when a method's numerics change, so an old run directory is not resumed.
+    config_version: int | None = None
 
     def __init__(self, config, ratio: float):
         self.config = config
@@ -114,6 +116,8 @@ class Method:
         return 4 * 4 * shapes.hidden_size * max(shapes.hidden_size, shapes.intermediate_size)
 
     def config_dict(self) -> dict:
+        """What the run fingerprint records of the method (a changed value refuses resume)."""
         from dataclasses import asdict
 
-        return {"method": self.name, "ratio": self.ratio, **asdict(self.config)}
+        version = {} if self.config_version is None else {"config_version": self.config_version}
+        return {"method": self.name, "ratio": self.ratio, **version, **asdict(self.config)}

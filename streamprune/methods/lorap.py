@@ -42,7 +42,7 @@ Where this follows the released code, or resolves what the paper leaves open:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -231,14 +231,12 @@ class LoRAP(Method):
     """LoRAP on the streaming engine: plan (solve s) → per layer pass A, decide."""
 
     name = "lorap"
+    config_version = LORAP_CONFIG_VERSION
 
     def __init__(self, config: LoRAPConfig, ratio: float):
         super().__init__(config, ratio)
         self.s: float | None = None
         self.spec: LayerSpec | None = None
-
-    def config_dict(self) -> dict:
-        return {"method": self.name, "ratio": self.ratio, "config_version": LORAP_CONFIG_VERSION, **asdict(self.config)}
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         cfg = self.config

@@ -66,7 +66,7 @@ Ambiguities, and how they are resolved (official = the released code, ``utils/ll
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -174,6 +174,7 @@ class Olica(Method):
     """Olica on the streaming engine: survey → plan → per layer pass A, decide, pass B, refine."""
 
     name = "olica"
+    config_version = OLICA_CONFIG_VERSION
     needs_survey = True
     needs_pass_b = True
     pass_b_layer = "dense"
@@ -184,9 +185,6 @@ class Olica(Method):
         self._shapes: ModelShapes | None = None
         self._survey: list[dict[str, Tensor]] | None = None
         self._lc_pending: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def config_dict(self) -> dict:
-        return {"method": self.name, "ratio": self.ratio, "config_version": OLICA_CONFIG_VERSION, **asdict(self.config)}
 
     # ---- plan ---------------------------------------------------------------------------
     def plan(self, shapes: ModelShapes, survey: list[dict[str, Tensor]] | None = None) -> None:

@@ -62,7 +62,7 @@ Where the paper is vague we follow the released code (``hf_prune.py``,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -169,6 +169,7 @@ class SlimLLM(Method):
     """SlimLLM on the streaming engine: survey → plan → per layer pass A (heads), pass B (FFN)."""
 
     name = "slimllm"
+    config_version = SLIMLLM_CONFIG_VERSION
     needs_survey = True
     needs_pass_b = True
     pass_b_layer = "pruned"
@@ -177,9 +178,6 @@ class SlimLLM(Method):
         super().__init__(config, ratio)
         self.knobs: SlimLLMPlan | None = None
         self._shapes: ModelShapes | None = None
-
-    def config_dict(self) -> dict:
-        return {"method": self.name, "ratio": self.ratio, "config_version": SLIMLLM_CONFIG_VERSION, **asdict(self.config)}
 
     # ---- plan -------------------------------------------------------------------------------
     def plan(self, shapes: ModelShapes, survey: list[dict[str, Tensor]] | None = None) -> None:
