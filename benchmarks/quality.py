@@ -7,6 +7,11 @@ Each finished (row, eval) is appended to ``benchmarks/results/quality.jsonl`` an
 on a rerun (the script resumes like the engine does). Prints a markdown table, then one
 JSON line. Calibration: the bundled C4 sample, method defaults (Olica 256 x 128, seed 0).
 Rows: ``dense`` or ``METHOD-PCT[-nolc]`` (``-nolc``: Olica with ``mlp_num=0``).
+
+    python benchmarks/quality.py --table [--rows ...] [--evals ...]
+
+renders the table of ``benchmarks/RESULTS.md`` from the records alone (no pruning, no
+evaluation; a missing cell says "not run").
 """
 
 from __future__ import annotations
@@ -39,6 +44,44 @@ def load_done() -> dict:
     return done
 
 
+def row_label(row: str) -> str:
+    if row == "dense":
+        return "dense"
+    method, pct, *rest = row.split("-")
+    name = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM"}.get(method, method)
+    label = f"{name} {pct} %" + (", no LC (`mlp_num=0`)" if rest == ["nolc"] else "")
+    return label + (f" ({NSAMPLES[method]} × 128 calibration)" if NSAMPLES.get(method, 256) != 256 and method != "magnitude" else "")
+
+
+def render_table(done: dict, rows: list[str], evals: list[str], max_windows: int | None = None) -> str:
+    """The RESULTS.md quality table: one line per row, one PPL column per eval."""
+    # Dense records carry no parameter count; any pruned one gives it back exactly:
+    # achieved_ratio = 1 - params / dense.
+    dense_params = next((round(r["params"] / (1 - r["achieved_ratio"])) for r in done.values() if "params" in r), None)
+    head = ["model", "params", "achieved ratio"]
+    for ev in evals:
+        dataset, seqlen = ev.split(":")
+        windows = next((r["windows"] for (row, e, mw), r in done.items() if e == ev and mw == max_windows), None)
+        name = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}.get(dataset, dataset)
+        head.append(f"{name} PPL @{seqlen}" + (f" ({windows} windows)" if windows else ""))
+    head.append("prune wall")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = {ev: done.get((row, ev, max_windows)) for ev in evals}
+        any_rec = next((c for c in cells.values() if c is not None), None)
+        if row == "dense":
+            params, ratio, wall = f"{dense_params:,}" if dense_params else "–", "0", "–"
+        elif any_rec is None:
+            params, ratio, wall = "not run", "–", "–"
+        else:
+            params, ratio = f"{any_rec['params']:,}", f"{any_rec['achieved_ratio']:.4f}"
+            wall = f"{any_rec['prune_wall_s']:.0f} s" if any_rec.get("prune_wall_s") is not None else "–"
+        ppl = [f"{c['ppl']:,.2f}" if c is not None and c["ppl"] < 1e4 else f"{c['ppl']:,.0f}" if c is not None else "not run"
+               for c in cells.values()]
+        lines.append("| " + " | ".join([row_label(row), params, ratio, *ppl, wall]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="dense,magnitude-20,olica-20,olica-20-nolc,olica-50")
@@ -46,9 +89,13 @@ def main() -> None:
     ap.add_argument("--eval-dtype", default="bfloat16", help="evaluation compute dtype (bf16 is ~2x faster on CPU)")
     ap.add_argument("--max-windows", type=int, default=None, help="subset for quick looks (default: whole test set)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--table", action="store_true", help="only print the RESULTS.md table from the records")
     args = ap.parse_args()
-    model = ensure_demo_model()
     done = load_done()
+    if args.table:
+        print(render_table(done, args.rows.split(","), args.evals.split(","), args.max_windows))
+        return
+    model = ensure_demo_model()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     table = {}
     for row in args.rows.split(","):

@@ -93,3 +93,23 @@ def test_bench_memory_end_to_end(tmp_path):
     assert out["depths"] == [1, 2] and all(p > 0 for p in out["peak_rss_bytes"])
     for png in out["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_table_renders_records_and_marks_missing_cells():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    pruned = {"params": 80, "achieved_ratio": 0.2, "prune_wall_s": 12.4}
+    done = {
+        ("dense", "wikitext2:128", None): {"ppl": 56.1, "windows": 10},
+        ("olica-20", "wikitext2:128", None): {"ppl": 119.27, "windows": 10, **pruned},
+        ("magnitude-20", "wikitext2:128", None): {"ppl": 1044365.6, "windows": 10, **pruned},
+    }
+    lines = quality.render_table(done, ["dense", "olica-20", "magnitude-20", "lorap-50"], ["wikitext2:128", "ptb:128"]).splitlines()
+    assert lines[0].startswith("| model | params | achieved ratio | WikiText-2 PPL @128 (10 windows) | PTB PPL @128 |")
+    assert lines[2] == "| dense | 100 | 0 | 56.10 | not run | – |"  # dense count recovered from a pruned record
+    assert lines[3] == "| Olica 20 % | 80 | 0.2000 | 119.27 | not run | 12 s |"
+    assert lines[4] == "| magnitude 20 % | 80 | 0.2000 | 1,044,366 | not run | 12 s |"
+    assert lines[5] == "| LoRAP 50 % | not run | – | not run | not run | – |"
