@@ -10,11 +10,14 @@ for small models and as the reference the streamed figure is tested against.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -23,6 +26,7 @@ from .activations import ActivationCache
 from .adapters import load_tokenizer, open_model
 from .config import resolve_device, resolve_dtype
 from .errors import ConfigError
+from .interrupts import sigterm_raises
 from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
 from .textdata import eval_windows, resolve_text_source
 
@@ -64,6 +68,24 @@ def _result(cfg: EvalConfig, tokens: torch.Tensor, nll: float, count: int, t0: f
     }
 
 
+EVAL_DIR_PREFIX = "streamprune-eval-"
+
+
+def sweep_stale_eval_dirs(root: Path) -> list[Path]:
+    """Remove activation folders of evaluations that were killed (``kill -9``, OOM): each
+    holds the pid of its process; a folder whose process is gone is removed. Returns them."""
+    removed = []
+    for folder in root.glob(EVAL_DIR_PREFIX + "*"):
+        try:
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if not psutil.pid_exists(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @torch.no_grad()
 def perplexity(cfg: EvalConfig) -> dict:
     """Streamed perplexity of the model folder ``cfg.model``."""
@@ -83,8 +105,10 @@ def perplexity(cfg: EvalConfig) -> dict:
     norm.weight.copy_(outer["model.norm.weight"])
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     chunk_rows = max(1, cfg.chunk_tokens // cfg.seqlen)
-    root = cfg.work_dir if cfg.work_dir is not None else None
-    with tempfile.TemporaryDirectory(prefix="streamprune-eval-", dir=root) as tmp:
+    root = Path(cfg.work_dir) if cfg.work_dir is not None else Path(tempfile.gettempdir())
+    sweep_stale_eval_dirs(root)
+    with sigterm_raises("evaluation"), tempfile.TemporaryDirectory(prefix=EVAL_DIR_PREFIX, dir=root) as tmp:
+        (Path(tmp) / "pid").write_text(str(os.getpid()))
         cache = ActivationCache(Path(tmp))
         embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
         for i in tqdm(range(adapter.num_layers), desc="eval", disable=not cfg.progress):

@@ -48,3 +48,22 @@ def graceful_stop():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def sigterm_raises(what: str):
+    """For work that cannot resume (evaluation): SIGTERM raises :class:`Interrupted` at once,
+    as Ctrl-C raises ``KeyboardInterrupt``, so ``finally`` blocks and temporary folders clean up
+    (the default SIGTERM action ends the process without running them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"{what} stopped by SIGTERM; it does not resume: run it again")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -113,3 +113,17 @@ def test_quality_table_renders_records_and_marks_missing_cells():
     assert lines[3] == "| Olica 20 % | 80 | 0.2000 | 119.27 | not run | 12 s |"
     assert lines[4] == "| magnitude 20 % | 80 | 0.2000 | 1,044,366 | not run | 12 s |"
     assert lines[5] == "| LoRAP 50 % | not run | – | not run | not run | – |"
+
+
+@pytest.mark.slow
+def test_prune_cost_prunes_in_fresh_processes_and_reproduces_outputs_byte_for_byte(tmp_path):
+    model = run_script("make_synthetic.py", *TINY, "--layers", "2", "--out", str(tmp_path / "m"))["folder"]
+    common = ["--source", model, "--rows", "magnitude-10,lorap-10", "--nsamples", "8", "--seqlen", "32",
+              "--results", str(tmp_path / "cost.jsonl")]
+    first = run_script("prune_cost.py", *common, "--keep", str(tmp_path / "a"), "--reference-dir", str(tmp_path / "none"))
+    again = run_script("prune_cost.py", *common, "--keep", str(tmp_path / "b"), "--reference-dir", str(tmp_path / "a"))
+    assert [r["vs_reference"] for r in first] == ["no reference", "no reference"]
+    assert [r["vs_reference"] for r in again] == ["identical", "identical"]
+    for r in first + again:
+        assert abs(r["achieved_ratio"] - 0.1) <= 0.01 and r["peak_rss_bytes"] > 0 and r["process_wall_s"] >= r["prune_wall_s"] > 0
+    assert len((tmp_path / "cost.jsonl").read_text().splitlines()) == 4

@@ -90,3 +90,44 @@ def test_streamed_ppl_equals_in_memory(tiny_model, device):
     streamed, ref = perplexity(cfg), perplexity_in_memory(cfg)
     assert streamed["tokens"] == ref["tokens"] == 12 * 63
     assert abs(streamed["ppl"] / ref["ppl"] - 1) < 1e-4
+
+
+def test_sigterm_during_streamed_eval_cleans_its_activation_folder(tiny_llama, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+
+    from streamprune import evaluate
+    from streamprune.interrupts import Interrupted
+
+    real = evaluate.propagate
+
+    def signal_at_layer_1(layer, cache, i, *args):
+        assert list(tmp_path.glob("streamprune-eval-*")), "the activation folder exists while evaluating"
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(layer, cache, i, *args)
+
+    monkeypatch.setattr(evaluate, "propagate", signal_at_layer_1)
+    cfg = EvalConfig(model=tiny_llama, seqlen=64, max_windows=4, work_dir=tmp_path, dtype="float32", progress=False)
+    with pytest.raises(Interrupted, match="evaluation stopped by SIGTERM"):
+        perplexity(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_eval_removes_folders_of_killed_evaluations_only(tiny_llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed, alive, foreign = tmp_path / "streamprune-eval-killed", tmp_path / "streamprune-eval-alive", tmp_path / "streamprune-eval-x"
+    for folder, pid in ((killed, dead.stdout.strip()), (alive, str(os.getpid())), (foreign, None)):
+        (folder / "acts").mkdir(parents=True)
+        if pid is not None:
+            (folder / "pid").write_text(pid)
+    cfg = EvalConfig(model=tiny_llama, seqlen=64, max_windows=2, work_dir=tmp_path, dtype="float32", progress=False)
+    assert perplexity(cfg)["windows"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, foreign.name]  # own pid: a running eval; no pid: not ours
