@@ -42,7 +42,9 @@ def compare(out: Path, reference: Path) -> str:
         return "no reference"
     mine, theirs = digests(out), digests(reference)
     differ = sorted(name for name in set(mine) | set(theirs) if mine.get(name) != theirs.get(name))
-    return "identical" if not differ else "differs: " + ", ".join(differ)
+    if not differ:
+        return "identical"
+    return "differs: " + ", ".join(differ[:2]) + (f" + {len(differ) - 2} more" if len(differ) > 2 else "")
 
 
 def prune_row(row: str, source: Path, out: Path, nsamples: int | None, seqlen: int) -> dict:
