@@ -15,7 +15,6 @@ a markdown table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import NSAMPLES, parse_row  # noqa: E402
 
+from streamprune.checkpoint import file_sha256  # noqa: E402
 from streamprune.demo_model import default_cache_dir, ensure_demo_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "prune_cost.jsonl"
@@ -33,7 +33,7 @@ REPORT = "streamprune_report.json"
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file() and p.name != REPORT}
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != REPORT}
 
 
 def compare(out: Path, reference: Path) -> str:

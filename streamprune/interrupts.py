@@ -30,24 +30,32 @@ class StopFlag:
 
 
 @contextmanager
-def graceful_stop():
-    """Install handlers (main thread only) that set a flag checked at safe points."""
-    flag = StopFlag()
+def _handling(signals: tuple[signal.Signals, ...], handler):
+    """Install ``handler`` for ``signals`` while the block runs (main thread only: Python
+    delivers signals there; elsewhere this does nothing), then restore the old handlers."""
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield
         return
+    old = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def graceful_stop():
+    """For resumable work (pruning): SIGINT/SIGTERM set a flag checked at safe points."""
+    flag = StopFlag()
 
     def handler(signum, frame):
         if flag.signum is not None:
             raise KeyboardInterrupt
         flag.signum = signum
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handling((signal.SIGINT, signal.SIGTERM), handler):
         yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextmanager
@@ -55,15 +63,9 @@ def sigterm_raises(what: str):
     """For work that cannot resume (evaluation): SIGTERM raises :class:`Interrupted` at once,
     as Ctrl-C raises ``KeyboardInterrupt``, so ``finally`` blocks and temporary folders clean up
     (the default SIGTERM action ends the process without running them)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         raise Interrupted(f"{what} stopped by SIGTERM; it does not resume: run it again")
 
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
+    with _handling((signal.SIGTERM,), handler):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old)

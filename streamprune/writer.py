@@ -6,7 +6,7 @@ folder never holds partial files), then published with one directory rename:
 - ``model-layer-XXXXX.safetensors`` per decoder layer, ``model-outer.safetensors``
   (embeddings, final norm, lm_head unless tied), ``model.safetensors.index.json``;
 - ``config.json`` (``StreamPruneConfig``: the source config + per-layer specs + auto_map),
-  ``modeling_streamprune.py`` (for ``trust_remote_code``), tokenizer files;
+  ``configuration_streamprune.py`` + ``modeling_streamprune.py`` (for ``trust_remote_code``), tokenizer files;
 - ``streamprune_report.json``.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from . import atomic
 from .errors import OutputError
-from .modeling import AUTO_MAP, MODELING_FILE
+from .modeling import AUTO_MAP, MODELING_FILES
 from .modeling import modeling_streamprune as sp
 from .spec import LayerSpec
 
@@ -81,7 +81,8 @@ def finalize(staging: Path, source_folder: Path, config, specs: list[LayerSpec],
     atomic.write_json(staging / "model.safetensors.index.json", index)
     cfg = pruned_config(config, specs, dtype)
     atomic.write_bytes(staging / "config.json", cfg.to_json_string(use_diff=False).encode())
-    atomic.write_bytes(staging / MODELING_FILE.name, MODELING_FILE.read_bytes())
+    for remote_file in MODELING_FILES:
+        atomic.write_bytes(staging / remote_file.name, remote_file.read_bytes())
     for name in TOKENIZER_FILES:
         src = source_folder / name
         if src.is_file():

@@ -31,7 +31,7 @@ from transformers import (
 
 from streamprune.modeling import (
     AUTO_MAP,
-    MODELING_FILE,
+    MODELING_FILES,
     StreamPruneConfig,
     StreamPruneDecoderLayer,
     StreamPruneForCausalLM,
@@ -309,7 +309,8 @@ def test_generate_without_cache_is_greedy_argmax():
 
 def _save_with_remote_code(model, path):
     model.save_pretrained(path)
-    shutil.copy(MODELING_FILE, path / MODELING_FILE.name)
+    for source in MODELING_FILES:
+        shutil.copy(source, path / source.name)
     cfg_path = path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["auto_map"] = AUTO_MAP

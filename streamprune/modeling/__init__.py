@@ -1,7 +1,8 @@
 """The pruned-model class and how outputs find it.
 
-``modeling_streamprune.py`` is self-contained: the output writer copies :data:`MODELING_FILE`
-into the output folder and puts :data:`AUTO_MAP` in its ``config.json``, so that
+``configuration_streamprune.py`` + ``modeling_streamprune.py`` are self-contained (torch and
+transformers only): the output writer copies :data:`MODELING_FILES` into the output folder
+and puts :data:`AUTO_MAP` in its ``config.json``, so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works anywhere.
 In-process, :func:`register` makes the same folder load without remote code.
 """
@@ -10,23 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .configuration_streamprune import StreamPruneConfig, layer_spec_dict
 from .modeling_streamprune import (
     BiasOnly,
     LowRankLinear,
     StreamPruneAttention,
-    StreamPruneConfig,
     StreamPruneDecoderLayer,
     StreamPruneForCausalLM,
     StreamPruneMLP,
     StreamPruneModel,
     StreamPruneRMSNorm,
     build_attention_mask,
-    layer_spec_dict,
 )
 
-MODELING_FILE = Path(__file__).with_name("modeling_streamprune.py")
+# The remote-code files an output folder carries (the modeling file imports the other one).
+MODELING_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_streamprune.py", "modeling_streamprune.py"))
 AUTO_MAP = {
-    "AutoConfig": "modeling_streamprune.StreamPruneConfig",
+    "AutoConfig": "configuration_streamprune.StreamPruneConfig",
     "AutoModelForCausalLM": "modeling_streamprune.StreamPruneForCausalLM",
 }
 
@@ -46,7 +47,7 @@ def register() -> None:
 
 __all__ = [
     "AUTO_MAP",
-    "MODELING_FILE",
+    "MODELING_FILES",
     "BiasOnly",
     "LowRankLinear",
     "StreamPruneAttention",

@@ -1,0 +1,145 @@
+"""Configuration of the pruned decoder LLM (``model_type: streamprune``).
+
+SELF-CONTAINED: imports only ``transformers``. Copied into every output folder next to
+``modeling_streamprune.py`` (which imports it relatively, as Hugging Face remote code
+does); never import ``streamprune`` here.
+
+Per-layer shapes come from ``config.layer_specs``: one dict per layer with exactly the
+fields of ``streamprune.spec.LayerSpec`` (hidden_size, num_kv_heads, heads_per_group,
+head_dim, v_head_dim, intermediate_size, q_rank, k_rank, v_rank, o_rank, qkv_bias, o_bias,
+down_bias, bypass_rank).
+"""
+
+import copy
+
+from transformers import LlamaConfig
+
+# LayerSpec fields (streamprune/spec.py): required ones, then optional ones with defaults.
+_REQUIRED_SPEC_FIELDS = (
+    "hidden_size",
+    "num_kv_heads",
+    "heads_per_group",
+    "head_dim",
+    "v_head_dim",
+    "intermediate_size",
+)
+_OPTIONAL_SPEC_FIELDS = {
+    "q_rank": None,
+    "k_rank": None,
+    "v_rank": None,
+    "o_rank": None,
+    "qkv_bias": False,
+    "o_bias": False,
+    "down_bias": False,
+    "bypass_rank": 0,
+}
+
+# Source-config attributes carried over by StreamPruneConfig.from_source.
+_CARRIED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+)
+
+
+def layer_spec_dict(spec) -> dict:
+    """Normalise a layer spec (dict, or an object with ``to_dict()`` such as LayerSpec).
+
+    Returns a new dict with every LayerSpec field; raises ``ValueError`` on an unknown or a
+    missing required field.
+    """
+    d = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    unknown = set(d) - set(_REQUIRED_SPEC_FIELDS) - set(_OPTIONAL_SPEC_FIELDS)
+    if unknown:
+        raise ValueError(f"layer spec has unknown fields {sorted(unknown)}: {d}")
+    missing = [k for k in _REQUIRED_SPEC_FIELDS if k not in d]
+    if missing:
+        raise ValueError(f"layer spec lacks required fields {missing}: {d}")
+    for k, v in _OPTIONAL_SPEC_FIELDS.items():
+        d.setdefault(k, v)
+    return d
+
+
+class StreamPruneConfig(LlamaConfig):
+    """Llama config + per-layer shapes.
+
+    The inherited Llama fields (num_attention_heads, num_key_value_heads, intermediate_size)
+    keep the *source* model's values; the truth per layer is ``layer_specs``. ``head_dim``,
+    ``rope_parameters``, ``rms_norm_eps``, ``hidden_act``, vocab and embedding tying are
+    the source's and are used as is. ``layer_specs=None`` means dense Llama layers.
+    """
+
+    model_type = "streamprune"
+
+    layer_specs: list[dict] | None = None
+    source_model_type: str = "llama"
+
+    @classmethod
+    def from_source(cls, source_config, layer_specs, **overrides) -> "StreamPruneConfig":
+        """Build from a transformers source config (Llama / Qwen2 / Mistral ...) and specs.
+
+        ``layer_specs``: one LayerSpec or dict per layer. ``overrides`` win over the source.
+        """
+        kwargs = {}
+        for name in _CARRIED_FIELDS:
+            if hasattr(source_config, name):
+                kwargs[name] = copy.deepcopy(getattr(source_config, name))
+        dtype = getattr(source_config, "dtype", None)
+        if dtype is not None:
+            kwargs["dtype"] = str(dtype).removeprefix("torch.")
+        kwargs["source_model_type"] = getattr(source_config, "model_type", "llama")
+        kwargs["layer_specs"] = [layer_spec_dict(s) for s in layer_specs]
+        kwargs["num_hidden_layers"] = len(kwargs["layer_specs"])
+        kwargs["use_cache"] = False
+        kwargs.update(overrides)
+        config = cls(**kwargs)
+        config.check_layer_specs()
+        return config
+
+    def get_layer_spec(self, layer_idx: int) -> dict:
+        """The spec dict of layer ``layer_idx`` (a dense Llama layer when layer_specs is None)."""
+        if self.layer_specs is None:
+            return {
+                "hidden_size": self.hidden_size,
+                "num_kv_heads": self.num_key_value_heads,
+                "heads_per_group": self.num_attention_heads // self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "v_head_dim": self.head_dim,
+                "intermediate_size": self.intermediate_size,
+                **_OPTIONAL_SPEC_FIELDS,
+                "qkv_bias": bool(self.attention_bias),
+                "o_bias": bool(self.attention_bias),
+            }
+        return layer_spec_dict(self.layer_specs[layer_idx])
+
+    def check_layer_specs(self) -> None:
+        """Raise ``ValueError`` if layer_specs disagree with the model-wide fields."""
+        if self.layer_specs is None:
+            return
+        if len(self.layer_specs) != self.num_hidden_layers:
+            raise ValueError(
+                f"config.layer_specs has {len(self.layer_specs)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        for i in range(self.num_hidden_layers):
+            s = self.get_layer_spec(i)
+            if s["hidden_size"] != self.hidden_size:
+                raise ValueError(f"layer {i}: spec hidden_size {s['hidden_size']} != config {self.hidden_size}")
+            if s["num_kv_heads"] and s["head_dim"] != self.head_dim:
+                raise ValueError(
+                    f"layer {i}: spec head_dim {s['head_dim']} != config head_dim {self.head_dim} "
+                    "(RoPE acts on it; it is never pruned)"
+                )
