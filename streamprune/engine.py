@@ -25,6 +25,7 @@ from .faults import crash_point
 from .interrupts import graceful_stop
 from .journal import RunDir, digest
 from .methods import build_method
+from .methods.base import LayerData
 from .prefetch import Prefetcher, stage_on_host, to_device
 from .spec import LayerSpec
 from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
@@ -195,6 +196,12 @@ def _prune(cfg: PruneConfig, stop) -> dict:
                         observe(staged, cache, i, pe, obs_b, device)
                 with prof.phase("decide"):
                     decision = method.refine(i, decision, obs_b)
+            if method.needs_reconstruction:
+                with prof.phase("reconstruct"):
+                    data = LayerData(dense=dense, chunks=lambda: cache.read(i, device), pe=pe, rows=cfg.nsamples,
+                                     build=lambda spec, t, dt: adapter.build_pruned_layer(i, spec, t, device, dt))
+                    decision = method.reconstruct(i, decision, data)
+                    crash_point(f"reconstructed:{i}")
             decision.validate(i)
             check_finite(i, decision)
             with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):

@@ -66,6 +66,10 @@ class DecoderLayer(nn.Module):
     def tap(self, name: str) -> nn.Module:
         return self.inner.get_submodule(TAPS[name])
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's state under the checkpoint's names (relative to ``model.layers.{i}.``)."""
+        return self.inner.state_dict()
+
 
 class LlamaFamilyAdapter:
     """Reads and builds layers of a dense Llama-family checkpoint (or a streamprune output)."""

@@ -13,6 +13,7 @@ METHODS = {
     "olica": ("streamprune.methods.olica", "Olica", "OlicaConfig"),
     "slimllm": ("streamprune.methods.slimllm", "SlimLLM", "SlimLLMConfig"),
     "lorap": ("streamprune.methods.lorap", "LoRAP", "LoRAPConfig"),
+    "cascade": ("streamprune.methods.cascade", "Cascade", "CascadeConfig"),
 }
 
 

@@ -15,6 +15,8 @@ Engine flow per layer ``i`` (see ``streamprune/engine.py``)::
             run the layer named by method.pass_b_layer over X_i, feeding obs:
               "pruned" -> the decision's layer; "dense" -> the dense source layer again
         decision = method.refine(i, decision, obs)
+    if method.needs_reconstruction:               # e.g. fit the pruned layer to the dense one
+        decision = method.reconstruct(i, decision, LayerData(...))
     X_{i+1} = pruned layer over X_i
 
 Taps (``Observer.taps``) name modules; the engine resolves them on the dense layer
@@ -30,6 +32,7 @@ dense source layer that is the usual ``self_attn.q_proj.weight`` etc.), on the d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +69,22 @@ class Decision:
             )
 
 
+@dataclass
+class LayerData:
+    """What the engine lends a method's ``reconstruct``: the layer's calibration inputs and layers.
+
+    ``chunks()`` iterates the cached hidden states entering the layer (the pruned stream), in
+    the cache's fixed order, ``(rows, seqlen, d)`` each on the device; ``dense`` is the source
+    layer (callable ``(hidden, pe)``); ``build(spec, tensors, dtype)`` materialises a pruned
+    layer (our modeling class) whose ``tensors()`` are keyed by the decision's tensor names."""
+
+    dense: torch.nn.Module
+    build: Callable[[LayerSpec, dict, torch.dtype], torch.nn.Module]
+    chunks: Callable[[], Iterator[torch.Tensor]]
+    pe: tuple[torch.Tensor, torch.Tensor]
+    rows: int
+
+
 class Method:
     """Base class. Subclasses set ``name`` and implement ``plan`` and ``decide``."""
 
@@ -76,6 +95,9 @@ class Method:
     # again, exactly as in pass A; Olica's Linear Calibration fits the *dense* layer's MLP
     # input and needs the dense FFN's intermediate activations next to it).
     pass_b_layer: str = "pruned"
+    # After refine: ``reconstruct(i, decision, LayerData)`` may change the tensors' values
+    # (never the spec) using the layer's calibration inputs, before they are propagated.
+    needs_reconstruction: bool = False
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
 
@@ -108,6 +130,9 @@ class Method:
         raise NotImplementedError
 
     def refine(self, layer_idx: int, decision: Decision, observer: Observer | None) -> Decision:
+        return decision
+
+    def reconstruct(self, layer_idx: int, decision: Decision, data: LayerData) -> Decision:
         return decision
 
     def workspace_bytes(self, shapes: ModelShapes) -> int:

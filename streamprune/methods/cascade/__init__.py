@@ -1,0 +1,148 @@
+"""``cascade``: streamprune's own method — a paper method's selection, then block-wise
+reconstruction of every pruned layer by gradient on the streamed calibration activations.
+
+Why: a least-squares refit of ``o_proj``/``down_proj`` alone gains little on SwiGLU models
+(issue 8: the kept channels cannot stand in for the dropped ones *linearly*). Fitting every
+kept weight of the pruned layer — Q/K factors, V/O, gate/up/down, norms — to the dense
+layer's output on the same (pruned-stream) input is the non-linear version of that refit
+(see :mod:`.reconstruct`). It runs layer by layer inside the streaming loop, between the
+decision and the propagation, so layer ``i + 1`` sees the reconstructed layer ``i``'s
+output: errors are corrected where they arise, never the whole model in memory.
+
+Components (each one ``--option``, for the ablation):
+
+- ``base``: which paper method selects the structure (``olica`` default, ``lorap``,
+  ``slimllm``); its knobs keep their defaults, except Olica's Linear Calibration, off by
+  default here (``mlp_num=0``): reconstruction subsumes a linear bypass and the bypass's
+  parameters buy FFN channels instead. ``base_mlp_num=6`` restores it.
+- ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_rows``,
+  ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``).
+
+Contracts: the structure, hence the achieved ratio and the layer specs, is exactly the base
+method's (±1 pp); reconstruction changes values, never shapes. Deterministic (seeded by the
+layer index, fixed data order): a resumed run is byte-identical on one device type, and a
+crash inside reconstruction just redoes that layer. Statistics and factorisations are the
+base method's; reconstruction adds Adam's state for one pruned layer (fp32: weights,
+gradients and two moments, 16 bytes per parameter) and one batch's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
+from ..base import Decision, LayerData, Method
+from .reconstruct import ReconSettings, reconstruct_layer
+
+CASCADE_CONFIG_VERSION = 1
+BASES = ("olica", "lorap", "slimllm")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    base: str = "olica"
+    base_mlp_num: int = 0  # Olica's Linear Calibration layers (Olica's own default: 6)
+    recon: bool = True
+    recon_epochs: int = 2
+    recon_lr: float = 1e-4
+    recon_batch_rows: int = 8
+    recon_val_rows: int = 32
+    recon_loss: str = "rms"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"CascadeConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.base not in BASES:
+            raise bad("base", f"one of {BASES}")
+        if not is_int(self.base_mlp_num) or self.base_mlp_num < 0:
+            raise bad("base_mlp_num", "an int >= 0")
+        if not isinstance(self.recon, bool):
+            raise bad("recon", "a bool")
+        if not is_int(self.recon_epochs) or self.recon_epochs < 0:
+            raise bad("recon_epochs", "an int >= 0")
+        if isinstance(self.recon_lr, bool) or not isinstance(self.recon_lr, (int, float)) or not 0 < self.recon_lr < math.inf:
+            raise bad("recon_lr", "a positive number")
+        if not is_int(self.recon_batch_rows) or self.recon_batch_rows < 1:
+            raise bad("recon_batch_rows", "an int >= 1")
+        if not is_int(self.recon_val_rows) or self.recon_val_rows < 0:
+            raise bad("recon_val_rows", "an int >= 0")
+        if self.recon_loss not in ("rms", "mse"):
+            raise bad("recon_loss", "'rms' or 'mse'")
+
+    def settings(self) -> ReconSettings:
+        return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_rows=self.recon_batch_rows,
+                             val_rows=self.recon_val_rows, loss=self.recon_loss)
+
+
+def build_base(config: CascadeConfig, ratio: float) -> Method:
+    from .. import build_method
+
+    options = {"mlp_num": config.base_mlp_num} if config.base == "olica" else {}
+    return build_method(config.base, ratio, options)
+
+
+class Cascade(Method):
+    """Selection by ``config.base``; every pass and decision is the base's, then ``reconstruct``."""
+
+    name = "cascade"
+    config_version = CASCADE_CONFIG_VERSION
+
+    def __init__(self, config: CascadeConfig, ratio: float):
+        super().__init__(config, ratio)
+        self.base = build_base(config, ratio)
+        self.needs_survey = self.base.needs_survey
+        self.needs_pass_b = self.base.needs_pass_b
+        self.pass_b_layer = self.base.pass_b_layer
+        self.needs_reconstruction = config.recon and config.recon_epochs > 0
+
+    def plan(self, shapes: ModelShapes, survey=None) -> None:
+        self.base.plan(shapes, survey)
+
+    def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
+        return self.base.planned_specs(shapes)
+
+    def survey_observer(self, layer_idx, weights):
+        return self.base.survey_observer(layer_idx, weights)
+
+    def survey_result(self, layer_idx, observer):
+        return self.base.survey_result(layer_idx, observer)
+
+    def observer(self, layer_idx, pass_name, weights):
+        return self.base.observer(layer_idx, pass_name, weights)
+
+    def decide(self, layer_idx, weights, observer) -> Decision:
+        return self.base.decide(layer_idx, weights, observer)
+
+    def refine(self, layer_idx, decision, observer) -> Decision:
+        return self.base.refine(layer_idx, decision, observer)
+
+    def reconstruct(self, layer_idx: int, decision: Decision, data: LayerData) -> Decision:
+        pruned = data.build(decision.spec, {k: v.float() for k, v in decision.tensors.items()}, torch.float32)
+        result = reconstruct_layer(pruned, data.dense, data.chunks, data.pe, data.rows, self.config.settings(), seed=layer_idx)
+        tensors = {k: result.state[k].to(v.dtype).contiguous() for k, v in decision.tensors.items()}
+        info = {**decision.info, "recon_val_before": round(result.val_before, 6), "recon_val_after": round(result.val_after, 6),
+                "recon_best_epoch": result.best_epoch, "recon_steps": result.steps}
+        refined = Decision(decision.spec, tensors, info)
+        refined.validate(layer_idx)
+        return refined
+
+    def workspace_bytes(self, shapes: ModelShapes) -> int:
+        base = self.base.workspace_bytes(shapes)
+        if not self.needs_reconstruction:
+            return base
+        adam = 16 * shapes.dense_spec().num_params()  # fp32 weights, grads, two moments (upper bound)
+        tokens = self.config.recon_batch_rows * 2048  # forecast for seqlen up to 2048
+        acts = tokens * (12 * shapes.hidden_size + 6 * shapes.intermediate_size) * 4  # saved for backward
+        return base + adam + acts
+
+    def config_dict(self) -> dict:
+        return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
+                **asdict(self.config), "base_config": self.base.config_dict()}

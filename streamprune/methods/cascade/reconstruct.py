@@ -1,0 +1,135 @@
+"""Block-wise reconstruction by gradient: fit a pruned layer's kept weights to the dense layer.
+
+Per layer, on the calibration hidden states ``X`` that enter it (the *pruned* stream), every
+floating-point parameter of the pruned layer (Q/K factors, V/O, gate/up/down, norms, biases,
+bypass) is optimised with Adam to minimise
+
+    mean over tokens of ‖(P(X) − D(X)) / rms(D(X))‖²
+
+where ``D`` is the dense source layer and ``rms`` the per-token root mean square of the dense
+output: the error as the next RMSNorm sees it, so high-magnitude residual channels and
+high-norm tokens do not dominate (``loss="mse"`` is the plain squared error). It is the
+non-linear version of a least-squares refit: gate and up move too.
+
+Guards: the last ``val_rows`` sequences are held out; their loss is measured before the first
+step and after every epoch, and the weights with the lowest held-out loss are returned (the
+method's own decision if no epoch beats it), so reconstruction never makes a layer worse on
+unseen calibration text.
+
+Deterministic: batch order comes from a ``torch.Generator`` seeded with ``seed`` (the layer
+index), the data order is the cache's chunk order, and the arithmetic is plain fp32 torch, so
+a resumed run reproduces the same weights bit for bit on one device type.
+
+Pure with respect to files: the caller passes ``chunks`` (a function returning an iterator over
+the cached hidden-state chunks, ``(rows, T, d)`` each) and the two layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_rows: int = 8  # sequences per Adam step
+    val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
+    loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
+
+
+@dataclass
+class ReconResult:
+    state: dict[str, Tensor]  # best weights under the layer's tensor names (fp32, on its device)
+    val_before: float
+    val_after: float
+    best_epoch: int  # 0 = the method's own weights were kept
+    steps: int
+
+
+def recon_loss(y: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Mean squared error of ``y`` against ``target`` (``kind="rms"``: per-token RMS-normalised)."""
+    diff = (y - target).float()
+    if kind == "rms":
+        diff = diff * torch.rsqrt(target.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    return diff.pow(2).mean()
+
+
+def _split(chunk: Tensor, start: int, n_train: int) -> tuple[Tensor, Tensor]:
+    """Rows of ``chunk`` (global rows start..) before and after the train/validation cut."""
+    cut = min(max(n_train - start, 0), chunk.shape[0])
+    return chunk[:cut], chunk[cut:]
+
+
+def snapshot(layer: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``layer.tensors()`` (the engine's layers name their state like the checkpoint)."""
+    return {k: v.detach().clone() for k, v in layer.tensors().items()}
+
+
+def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], Iterator[Tensor]], pe,
+                      n_rows: int, settings: ReconSettings, seed: int) -> ReconResult:
+    """Optimise ``pruned``'s parameters in place and return the best state (see module doc)."""
+    pe32 = tuple(t.float() for t in pe)  # the pruned layer trains in fp32, the dense one runs as built
+
+    def fit(x: Tensor) -> Tensor:
+        return pruned(x.float(), pe32)
+
+    def target_of(x: Tensor) -> Tensor:
+        return dense(x, pe).float()
+
+    n_val = min(settings.val_rows, n_rows // 4)
+    n_train = n_rows - n_val
+    params = [p for p in pruned.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def validate() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            start = 0
+            for x in chunks():
+                _, xv = _split(x, start, n_train)
+                start += x.shape[0]
+                if xv.shape[0]:
+                    total += float(recon_loss(fit(xv), target_of(xv), settings.loss)) * xv.shape[0]
+                    count += xv.shape[0]
+        return total / max(count, 1)
+
+    best = validate() if n_val else math.inf
+    before, best_epoch, steps = best, 0, 0
+    best_state = snapshot(pruned)
+    for epoch in range(1, settings.epochs + 1):
+        start = 0
+        for x in chunks():
+            xt, _ = _split(x, start, n_train)
+            start += x.shape[0]
+            if not xt.shape[0]:
+                continue
+            with torch.no_grad():
+                target = target_of(xt)
+            order = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
+            for b in range(0, xt.shape[0], settings.batch_rows):
+                idx = order[b : b + settings.batch_rows]
+                with torch.enable_grad():
+                    loss = recon_loss(fit(xt[idx]), target[idx], settings.loss)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                steps += 1
+        val = validate() if n_val else -float(epoch)
+        if val < best:
+            best, best_epoch = val, epoch
+            best_state = snapshot(pruned)
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        for k, v in pruned.tensors().items():
+            v.copy_(best_state[k])
+    return ReconResult(best_state, before, best, best_epoch, steps)
