@@ -15,8 +15,13 @@ from streamprune.observers import observing
 
 
 @torch.no_grad()
-def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
-    """Returns the list of decisions (one per layer), pruning sequentially."""
+def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_rows: int | None = None):
+    """Returns the list of decisions (one per layer), pruning sequentially.
+
+    ``chunk_rows``: how a method's ``reconstruct`` sees the inputs (the engine's chunking);
+    every other pass takes the whole batch at once."""
+    from streamprune.methods.base import LayerData
+
     adapter = open_model(folder)
     shapes = adapter.shapes()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -52,6 +57,11 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None):
                 with observing(staged, obs_b):
                     staged(hidden, pe)
             decision = method.refine(i, decision, obs_b)
+        if method.needs_reconstruction:
+            rows = chunk_rows or hidden.shape[0]
+            data = LayerData(dense=layer, chunks=lambda h=hidden: iter(h.split(rows)), pe=pe, rows=hidden.shape[0],
+                             build=lambda spec, t, dt, i=i: adapter.build_pruned_layer(i, spec, t, "cpu", dt))
+            decision = method.reconstruct(i, decision, data)
         pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
         hidden = pruned(hidden, pe)
         decisions.append(decision)

@@ -15,7 +15,7 @@ Components (each one ``--option``, for the ablation):
   ``slimllm``); its knobs keep their defaults, except Olica's Linear Calibration, off by
   default here (``mlp_num=0``): reconstruction subsumes a linear bypass and the bypass's
   parameters buy FFN channels instead. ``base_mlp_num=6`` restores it.
-- ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_rows``,
+- ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
   ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``).
 
 Contracts: the structure, hence the achieved ratio and the layer specs, is exactly the base
@@ -49,7 +49,7 @@ class CascadeConfig:
     recon: bool = True
     recon_epochs: int = 2
     recon_lr: float = 1e-4
-    recon_batch_rows: int = 8
+    recon_batch_tokens: int = 1024  # tokens per Adam step (whole sequences, at least one)
     recon_val_rows: int = 32
     recon_loss: str = "rms"
 
@@ -70,16 +70,22 @@ class CascadeConfig:
             raise bad("recon_epochs", "an int >= 0")
         if isinstance(self.recon_lr, bool) or not isinstance(self.recon_lr, (int, float)) or not 0 < self.recon_lr < math.inf:
             raise bad("recon_lr", "a positive number")
-        if not is_int(self.recon_batch_rows) or self.recon_batch_rows < 1:
-            raise bad("recon_batch_rows", "an int >= 1")
+        if not is_int(self.recon_batch_tokens) or self.recon_batch_tokens < 1:
+            raise bad("recon_batch_tokens", "an int >= 1")
         if not is_int(self.recon_val_rows) or self.recon_val_rows < 0:
             raise bad("recon_val_rows", "an int >= 0")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
 
     def settings(self) -> ReconSettings:
-        return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_rows=self.recon_batch_rows,
+        return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_tokens=self.recon_batch_tokens,
                              val_rows=self.recon_val_rows, loss=self.recon_loss)
+
+
+def recon_workspace_bytes(shapes: ModelShapes, layer_params: int, batch_tokens: int) -> int:
+    """Adam state for ``layer_params`` (16 B each) + ~(12 d + 6 f) fp32 activations per token
+    (attention and SwiGLU intermediates saved for backward, their gradients)."""
+    return 16 * layer_params + batch_tokens * (12 * shapes.hidden_size + 6 * shapes.intermediate_size) * 4
 
 
 def build_base(config: CascadeConfig, ratio: float) -> Method:
@@ -135,13 +141,14 @@ class Cascade(Method):
         return refined
 
     def workspace_bytes(self, shapes: ModelShapes) -> int:
+        """The larger of the base's statistics/factorisation workspace and reconstruction's
+        (they are never alive together): Adam on the largest planned layer (fp32 weights,
+        gradients, two moments: 16 B/param) + one batch's activations kept for backward."""
         base = self.base.workspace_bytes(shapes)
         if not self.needs_reconstruction:
             return base
-        adam = 16 * shapes.dense_spec().num_params()  # fp32 weights, grads, two moments (upper bound)
-        tokens = self.config.recon_batch_rows * 2048  # forecast for seqlen up to 2048
-        acts = tokens * (12 * shapes.hidden_size + 6 * shapes.intermediate_size) * 4  # saved for backward
-        return base + adam + acts
+        largest = max(s.num_params() for s in self.planned_specs(shapes))
+        return max(base, recon_workspace_bytes(shapes, largest, self.config.recon_batch_tokens))
 
     def config_dict(self) -> dict:
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 class ReconSettings:
     epochs: int = 2
     lr: float = 1e-4
-    batch_rows: int = 8  # sequences per Adam step
+    batch_tokens: int = 1024  # tokens per Adam step, as whole sequences (at least one)
     val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
 
@@ -115,8 +115,9 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
             with torch.no_grad():
                 target = target_of(xt)
             order = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
-            for b in range(0, xt.shape[0], settings.batch_rows):
-                idx = order[b : b + settings.batch_rows]
+            rows = max(1, settings.batch_tokens // xt.shape[1])
+            for b in range(0, xt.shape[0], rows):
+                idx = order[b : b + rows]
                 with torch.enable_grad():
                     loss = recon_loss(fit(xt[idx]), target[idx], settings.loss)
                     opt.zero_grad(set_to_none=True)
