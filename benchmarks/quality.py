@@ -6,7 +6,8 @@
 Each finished (row, eval) is appended to ``benchmarks/results/quality.jsonl`` and skipped
 on a rerun (the script resumes like the engine does). Prints a markdown table, then one
 JSON line. Calibration: the bundled C4 sample, method defaults (Olica 256 x 128, seed 0).
-Rows: ``dense`` or ``METHOD-PCT[-nolc]`` (``-nolc``: Olica with ``mlp_num=0``).
+Rows: ``dense`` or ``METHOD-PCT[-nolc][-KEY=VALUE ...]`` (``-nolc``: Olica with ``mlp_num=0``;
+``KEY=VALUE``: a method option as ``--option`` takes it, e.g. ``cascade-20-recon=false``).
 
     python benchmarks/quality.py --table [--rows ...] [--evals ...]
 
@@ -24,15 +25,24 @@ from streamprune import EvalConfig, PruneConfig, perplexity, prune
 from streamprune.demo_model import default_cache_dir, ensure_demo_model
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"
-NSAMPLES = {"olica": 256, "lorap": 256, "slimllm": 32, "magnitude": 32}  # papers' defaults (SlimLLM 32)
+NSAMPLES = {"olica": 256, "lorap": 256, "slimllm": 32, "magnitude": 32, "cascade": 256}  # papers' defaults (SlimLLM 32)
 
 
 def parse_row(row: str) -> tuple[str | None, float, dict]:
     if row == "dense":
         return None, 0.0, {}
-    parts = row.split("-")
-    options = {"mlp_num": 0} if parts[2:] == ["nolc"] else {}
-    return parts[0], int(parts[1]) / 100, options
+    method, pct, *rest = row.split("-")
+    options = {}
+    for part in rest:
+        if part == "nolc":
+            options["mlp_num"] = 0
+        else:
+            key, value = part.split("=", 1)
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+    return method, int(pct) / 100, options
 
 
 def load_done() -> dict:
@@ -48,8 +58,9 @@ def row_label(row: str) -> str:
     if row == "dense":
         return "dense"
     method, pct, *rest = row.split("-")
-    name = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM"}.get(method, method)
-    label = f"{name} {pct} %" + (", no LC (`mlp_num=0`)" if rest == ["nolc"] else "")
+    name = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM", "cascade": "**cascade (ours)**"}.get(method, method)
+    label = f"{name} {pct} %" + (", no LC (`mlp_num=0`)" if "nolc" in rest else "")
+    label += "".join(f", `{p}`" for p in rest if p != "nolc")
     return label + (f" ({NSAMPLES[method]} × 128 calibration)" if NSAMPLES.get(method, 256) != 256 and method != "magnitude" else "")
 
 

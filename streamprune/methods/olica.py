@@ -211,9 +211,14 @@ class Olica(Method):
             raise RuntimeError("Olica.planned_specs called before plan()")
         return [self._layer_spec(shapes, i) for i in range(shapes.num_layers)]
 
+    def ffn_pruned(self, i: int) -> int:
+        """FFN channels layer ``i`` loses: the plan's uniform count, or a per-layer allocation."""
+        p = self.knobs
+        return p.n_ffn_pruned if p.ffn_pruned_per_layer is None else p.ffn_pruned_per_layer[i]
+
     def _layer_spec(self, shapes: ModelShapes, i: int) -> LayerSpec:
         p = self.knobs
-        f = shapes.intermediate_size - p.n_ffn_pruned
+        f = shapes.intermediate_size - self.ffn_pruned(i)
         return layer_spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
 
     # ---- survey -------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ class Olica(Method):
             out["self_attn.o_proj.bias"] = weights["self_attn.o_proj.bias"]
 
         gate, upw, down = (weights[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
-        kept = select_channels(ffn_channel_scores(gate, upw, down, ex, eh), p.n_ffn_pruned, cfg.keep_least_frac)
+        kept = select_channels(ffn_channel_scores(gate, upw, down, ex, eh), self.ffn_pruned(layer_idx), cfg.keep_least_frac)
         ffn = slice_ffn(weights, kept)
         out.update({f"mlp.{n}_proj.weight": ffn[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down")})
         if spec.bypass_rank:  # zero bypass until refine() fits it

@@ -35,6 +35,9 @@ class OlicaPlan:
     lc_rank: int
     lc_layers: tuple[int, ...]
     lc_provisional: bool  # True until the survey picks the LC layers (totals are exact anyway)
+    # Per-layer FFN counts (same total as L·n_ffn_pruned) set by an allocation on top of the
+    # plan (streamprune's ``cascade``); None = Olica's uniform count.
+    ffn_pruned_per_layer: tuple[int, ...] | None = None
 
 
 def sr_allocation(ratio: float, k: float) -> tuple[float, float]:

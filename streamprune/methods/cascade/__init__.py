@@ -15,6 +15,9 @@ Components (each one ``--option``, for the ablation):
   ``slimllm``); its knobs keep their defaults, except Olica's Linear Calibration, off by
   default here (``mlp_num=0``): reconstruction subsumes a linear bypass and the bypass's
   parameters buy FFN channels instead. ``base_mlp_num=6`` restores it.
+- ``allocation``: ``uniform`` (the base's equal FFN cut per layer) or ``measured``: the survey
+  measures each layer's error curve of cutting its FFN (:mod:`.allocation`) and the same total
+  number of channels is handed out where it costs least (``alloc_max_frac`` caps one layer).
 - ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
   ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``).
 
@@ -36,6 +39,8 @@ import torch
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
 from ..base import Decision, LayerData, Method
+from .allocation import allocate, prefix_errors
+from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
 
 CASCADE_CONFIG_VERSION = 1
@@ -52,6 +57,8 @@ class CascadeConfig:
     recon_batch_tokens: int = 1024  # tokens per Adam step (whole sequences, at least one)
     recon_val_rows: int = 32
     recon_loss: str = "rms"
+    allocation: str = "uniform"  # "uniform" (the base's) or "measured" (per-layer FFN counts, olica base)
+    alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -76,6 +83,12 @@ class CascadeConfig:
             raise bad("recon_val_rows", "an int >= 0")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
+        if self.allocation not in ("uniform", "measured"):
+            raise bad("allocation", "'uniform' or 'measured'")
+        if self.allocation == "measured" and self.base != "olica":
+            raise bad("allocation", "'uniform' with base lorap/slimllm (measured allocation needs base olica)")
+        if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
+            raise bad("alloc_max_frac", "in (0, 1)")
 
     def settings(self) -> ReconSettings:
         return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_tokens=self.recon_batch_tokens,
@@ -104,22 +117,51 @@ class Cascade(Method):
     def __init__(self, config: CascadeConfig, ratio: float):
         super().__init__(config, ratio)
         self.base = build_base(config, ratio)
-        self.needs_survey = self.base.needs_survey
+        self.measured = config.allocation == "measured"
+        self.needs_survey = self.base.needs_survey or self.measured
         self.needs_pass_b = self.base.needs_pass_b
         self.pass_b_layer = self.base.pass_b_layer
         self.needs_reconstruction = config.recon and config.recon_epochs > 0
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         self.base.plan(shapes, survey)
+        if self.measured and survey is not None:
+            self._allocate(shapes, [s["ffn_curve"] for s in survey])
+
+    def _allocate(self, shapes: ModelShapes, curves) -> None:
+        """Replace the base's uniform FFN count by per-layer counts with the same total."""
+        from dataclasses import replace
+
+        knobs = self.base.knobs
+        f = shapes.intermediate_size
+        n_least = knobs.n_keep_least
+        cap = min(int(self.config.alloc_max_frac * f), f - n_least - 1)
+        counts = allocate(curves, knobs.n_ffn_pruned * shapes.num_layers, cap)
+        self.base.knobs = replace(knobs, ffn_pruned_per_layer=tuple(counts))
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
         return self.base.planned_specs(shapes)
 
     def survey_observer(self, layer_idx, weights):
-        return self.base.survey_observer(layer_idx, weights)
+        base = self.base.survey_observer(layer_idx, weights) if self.base.needs_survey else None
+        if not self.measured:
+            return base
+        obs = AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1])
+        obs.weights = {k: weights[k] for k in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
+        return obs
 
     def survey_result(self, layer_idx, observer):
-        return self.base.survey_result(layer_idx, observer)
+        if not self.measured:
+            return self.base.survey_result(layer_idx, observer)
+        out = self.base.survey_result(layer_idx, observer.base) if self.base.needs_survey else {}
+        from ..channels import ffn_channel_scores
+
+        w = observer.weights
+        scores = ffn_channel_scores(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], observer.ex, observer.eh)
+        order = torch.argsort(scores, stable=True)
+        n_least = self.base.knobs.n_keep_least  # the base keeps its least important few: skip them
+        curve = prefix_errors(w["mlp.down_proj.weight"], observer.gram, order[n_least:])
+        return {**out, "ffn_curve": curve.float().cpu()}
 
     def observer(self, layer_idx, pass_name, weights):
         return self.base.observer(layer_idx, pass_name, weights)

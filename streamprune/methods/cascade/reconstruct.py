@@ -21,7 +21,8 @@ index), the data order is the cache's chunk order, and the arithmetic is plain f
 a resumed run reproduces the same weights bit for bit on one device type.
 
 Pure with respect to files: the caller passes ``chunks`` (a function returning an iterator over
-the cached hidden-state chunks, ``(rows, T, d)`` each) and the two layers.
+the cached hidden-state chunks, ``(rows, T, d)`` each, or ``(x, target)`` pairs when the target
+is not the dense layer's output on ``x`` — e.g. the dense model's own stream) and the two layers.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     def fit(x: Tensor) -> Tensor:
         return pruned(x.float(), pe32)
 
-    def target_of(x: Tensor) -> Tensor:
-        return dense(x, pe).float()
+    def target_of(x: Tensor, given: Tensor | None) -> Tensor:
+        return (dense(x, pe) if given is None else given).float()
+
+    def pairs() -> Iterator[tuple[Tensor, Tensor | None]]:
+        for item in chunks():
+            yield item if isinstance(item, tuple) else (item, None)
 
     n_val = min(settings.val_rows, n_rows // 4)
     n_train = n_rows - n_val
@@ -94,11 +99,12 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
         total, count = 0.0, 0
         with torch.no_grad():
             start = 0
-            for x in chunks():
+            for x, t in pairs():
                 _, xv = _split(x, start, n_train)
+                tv = None if t is None else _split(t, start, n_train)[1]
                 start += x.shape[0]
                 if xv.shape[0]:
-                    total += float(recon_loss(fit(xv), target_of(xv), settings.loss)) * xv.shape[0]
+                    total += float(recon_loss(fit(xv), target_of(xv, tv), settings.loss)) * xv.shape[0]
                     count += xv.shape[0]
         return total / max(count, 1)
 
@@ -107,13 +113,14 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     best_state = snapshot(pruned)
     for epoch in range(1, settings.epochs + 1):
         start = 0
-        for x in chunks():
+        for x, t in pairs():
             xt, _ = _split(x, start, n_train)
+            tt = None if t is None else _split(t, start, n_train)[0]
             start += x.shape[0]
             if not xt.shape[0]:
                 continue
             with torch.no_grad():
-                target = target_of(xt)
+                target = target_of(xt, tt)
             order = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
             rows = max(1, settings.batch_tokens // xt.shape[1])
             for b in range(0, xt.shape[0], rows):
