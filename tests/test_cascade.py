@@ -168,3 +168,78 @@ def test_e2e_kill_inside_reconstruction_then_resume_is_byte_identical(tiny_llama
     resumed = run_cli(*cmd, "--out", tmp_path / "out")
     assert resumed.returncode == 0, resumed.stderr
     assert digests(tmp_path / "out") == digests(tmp_path / "ref")
+
+
+# ---- measured allocation ---------------------------------------------------------------------
+
+
+def test_prefix_errors_equal_brute_force_on_explicit_activations():
+    from streamprune.methods.cascade.allocation import prefix_errors
+    from streamprune.methods.cascade.observers import AllocationObserver
+
+    g = torch.Generator().manual_seed(0)
+    t, d, f = 300, 6, 10
+    h, y, W = torch.randn(t, f, generator=g), 3 * torch.randn(t, d, generator=g), torch.randn(d, f, generator=g)
+    obs = AllocationObserver(None, f)
+    for s in (slice(0, 120), slice(120, 300)):  # two chunks, hooks in the engine's order
+        obs.update("gate_proj", torch.randn(s.stop - s.start, d, generator=g), h[s])
+        obs.update("down_proj", h[s], h[s] @ W.T)
+        obs.update("layer", y[s], y[s])
+    order = torch.randperm(f, generator=g)
+    curve = prefix_errors(W, obs.gram, order)
+    hd, yd, Wd = h.double(), y.double(), W.double()
+    for k in range(f + 1):
+        S = order[:k]
+        delta = hd[:, S] @ Wd[:, S].T  # (t, d): what the removed channels contributed
+        want = (delta.pow(2).sum(1) / (yd.pow(2).mean(1) + 1e-6)).sum()
+        assert float(curve[k]) == pytest.approx(float(want), rel=1e-5, abs=1e-9), k
+
+
+def test_allocate_hits_total_respects_cap_and_matches_brute_force():
+    import itertools
+
+    from streamprune.methods.cascade.allocation import allocate
+
+    g = torch.Generator().manual_seed(1)
+    curves = [torch.cat([torch.zeros(1), torch.cumsum(torch.sort(torch.rand(6, generator=g)).values * s, 0)]) for s in (1.0, 3.0, 0.5)]
+    for total in range(0, 13):
+        counts = allocate(curves, total, max_per_layer=4)
+        assert sum(counts) == total and max(counts) <= 4
+        best = min(sum(float(c[k]) for c, k in zip(curves, ks)) for ks in itertools.product(range(5), repeat=3) if sum(ks) == total)
+        assert sum(float(c[k]) for c, k in zip(curves, counts)) == pytest.approx(best, rel=1e-9)  # convex: greedy is optimal
+    with pytest.raises(ValueError, match="cannot remove 13 channels"):
+        allocate(curves, 13, max_per_layer=4)
+
+
+@pytest.mark.parametrize("shapes", [SMOLLM2, LLAMA2_70B], ids=["smollm2", "llama2-70b"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_measured_allocation_keeps_the_exact_parameter_count(shapes, ratio):
+    method = build_method("cascade", ratio, {"allocation": "measured"})
+    method.plan(shapes)
+    uniform = method.planned_specs(shapes)
+    f, L = shapes.intermediate_size, shapes.num_layers
+    g = torch.Generator().manual_seed(2)
+    survey = [{"linearity": torch.tensor(0.5), "o_out_energy": torch.ones(shapes.hidden_size),
+               "ffn_curve": torch.cat([torch.zeros(1), torch.cumsum(torch.rand(f, generator=g) * (l + 1), 0)])} for l in range(L)]
+    method.plan(shapes, survey)
+    specs = method.planned_specs(shapes)
+    widths = [s.intermediate_size for s in specs]
+    assert shapes.total_params(specs) == shapes.total_params(uniform)  # same total, same achieved ratio
+    assert abs(shapes.achieved_ratio(specs) - ratio) <= 0.01
+    assert len(set(widths)) > 1 and min(widths) >= f - int(0.8 * f)  # really per layer; the cap holds
+    assert widths[0] < widths[-1]  # layer 0's channels cost the least error: it gives up the most
+
+
+def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path):
+    opts = {"allocation": "measured", "recon": False}
+    out = tmp_path / "out"
+    report = prune(PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E))
+    method = build_method("cascade", 0.3, opts)
+    decisions = prune_in_memory(tiny_llama, method, _e2e_tokens(tiny_llama))
+    specs = _specs_of(out)
+    assert specs == [d.spec for d in decisions] and len({s.intermediate_size for s in specs}) > 1
+    assert report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+    streamed = _output_tensors(out)
+    for i, d in enumerate(decisions):
+        for name, ref in d.tensors.items():
+            assert rel(streamed[f"model.layers.{i}.{name}"], ref) < 5e-4, (i, name)

@@ -159,7 +159,7 @@ class Cascade(Method):
         w = observer.weights
         scores = ffn_channel_scores(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], observer.ex, observer.eh)
         order = torch.argsort(scores, stable=True)
-        n_least = self.base.knobs.n_keep_least  # the base keeps its least important few: skip them
+        n_least = math.floor(self.base.config.keep_least_frac * order.numel())  # Olica keeps its least important 1 %: skip them
         curve = prefix_errors(w["mlp.down_proj.weight"], observer.gram, order[n_least:])
         return {**out, "ffn_curve": curve.float().cpu()}
 

@@ -42,6 +42,6 @@ class AllocationObserver:
             if self.gram is None:
                 self.gram = torch.zeros(self.f, self.f, dtype=torch.float32, device=h.device)
             for i in range(0, h.shape[0], _BLOCK):
-                hb = h[i : i + _BLOCK].float()
-                w = torch.rsqrt(y_out[i : i + _BLOCK].float().pow(2).mean(-1, keepdim=True) + 1e-6)
-                self.gram.addmm_((hb * w).T, hb)
+                w = torch.rsqrt(y_out[i : i + _BLOCK].float().pow(2).mean(-1, keepdim=True) + 1e-6)  # 1 / rms(y_t)
+                hw = h[i : i + _BLOCK].float() * w
+                self.gram.addmm_(hw.T, hw)
