@@ -37,6 +37,9 @@ class Forecast:
     cpu_bytes: int  # peak process RSS
     disk_bytes: int
     disk_free_bytes: int
+    method_tflop: float = 0.0  # the method's own extra compute (cascade: reconstruction), whole run
+    method_s: float = 0.0  # ... at the measured fp32 matmul throughput of the device
+
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -61,7 +64,8 @@ def device_peak(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int
 
 
 def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seqlen: int, chunk_rows: int,
-             dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool) -> Forecast:
+             dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
+             method_flop: float = 0.0) -> Forecast:
     itemsize = dtype.itemsize
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
     host_layer = _layer_bytes(shapes.dense_spec(), 4)  # tensors as read (storage dtype <= fp32)
@@ -89,7 +93,24 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
         cpu_bytes=cpu,
         disk_bytes=disk,
         disk_free_bytes=shutil.disk_usage(probe).free,
+        method_tflop=round(method_flop / 1e12, 3),
+        method_s=round(method_flop / matmul_flops(device), 3) if method_flop else 0.0,
     )
+
+
+def matmul_flops(device: torch.device, n: int = 1024, seconds: float = 0.2) -> float:
+    """Measured fp32 matmul throughput of ``device`` (FLOP/s): a ~0.2 s probe, for time forecasts."""
+    import time
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()  # warm-up (and CUDA init)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c = a @ b
+        reps += 1
+    float(c[0, 0])  # synchronise
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def fit_chunk_rows(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int, workspace: int, budget: int | None) -> int:

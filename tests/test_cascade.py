@@ -243,3 +243,17 @@ def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path)
     for i, d in enumerate(decisions):
         for name, ref in d.tensors.items():
             assert rel(streamed[f"model.layers.{i}.{name}"], ref) < 5e-4, (i, name)
+
+
+def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
+    from streamprune.engine import plan
+
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=E2E_OPTS, **E2E, dry_run=True)
+    fc = prune(cfg)
+    _, shapes, method, specs = plan(cfg)
+    n_val = min(E2E_OPTS["recon_val_rows"], 16 // 4)
+    train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
+    want = sum(2 * train * (6 * s.num_params() + 2 * dense) + 3 * val * 2 * (s.num_params() + dense) for s in specs)
+    assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
+    off = prune(replace(cfg, method_options={**E2E_OPTS, "recon": False}))
+    assert off["method_tflop"] == 0 and off["method_s"] == 0

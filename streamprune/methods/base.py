@@ -135,6 +135,10 @@ class Method:
     def reconstruct(self, layer_idx: int, decision: Decision, data: LayerData) -> Decision:
         return decision
 
+    def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
+        """Forecast of the method's compute beyond the engine's forward passes (preflight time)."""
+        return 0.0
+
     def workspace_bytes(self, shapes: ModelShapes) -> int:
         """Forecast of the method's device memory for statistics and factorisations
         (preflight). Default: four fp32 d x max(d, f) matrices (an SVD's U, S, V, copy)."""

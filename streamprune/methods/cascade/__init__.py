@@ -192,6 +192,19 @@ class Cascade(Method):
         largest = max(s.num_params() for s in self.planned_specs(shapes))
         return max(base, recon_workspace_bytes(shapes, largest, self.config.recon_batch_tokens))
 
+    def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
+        """Reconstruction: per epoch, training tokens through the pruned layer forward and
+        backward (6 FLOP/param) and the dense target (2 FLOP/param); held-out tokens forward
+        through both before the first epoch and after each (matmul FLOPs only)."""
+        if not self.needs_reconstruction:
+            return 0.0
+        cfg = self.config
+        n_val = min(cfg.recon_val_rows, nsamples // 4)
+        train, val = (nsamples - n_val) * seqlen, n_val * seqlen
+        dense = shapes.dense_spec().num_params()
+        return float(sum(cfg.recon_epochs * train * (6 * s.num_params() + 2 * dense)
+                         + (cfg.recon_epochs + 1) * val * 2 * (s.num_params() + dense) for s in specs))
+
     def config_dict(self) -> dict:
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
                 **asdict(self.config), "base_config": self.base.config_dict()}
