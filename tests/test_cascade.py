@@ -43,7 +43,7 @@ def test_config_rejects_bad_values(kw):
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_specs_are_the_base_methods_and_hit_ratio(shapes, ratio):
     method = build_method("cascade", ratio, {})
-    method.plan(shapes)
+    method.plan(shapes)  # before the survey: the base's uniform plan (measured allocation comes with the survey)
     base = Olica(OlicaConfig(mlp_num=0), ratio)
     base.plan(shapes)
     specs = method.planned_specs(shapes)
@@ -214,7 +214,7 @@ def test_allocate_hits_total_respects_cap_and_matches_brute_force():
 @pytest.mark.parametrize("shapes", [SMOLLM2, LLAMA2_70B], ids=["smollm2", "llama2-70b"])
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_measured_allocation_keeps_the_exact_parameter_count(shapes, ratio):
-    method = build_method("cascade", ratio, {"allocation": "measured"})
+    method = build_method("cascade", ratio, {})
     method.plan(shapes)
     uniform = method.planned_specs(shapes)
     f, L = shapes.intermediate_size, shapes.num_layers
@@ -231,7 +231,7 @@ def test_measured_allocation_keeps_the_exact_parameter_count(shapes, ratio):
 
 
 def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path):
-    opts = {"allocation": "measured", "recon": False}
+    opts = {"recon": False}  # allocation="measured" is the default
     out = tmp_path / "out"
     report = prune(PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E))
     method = build_method("cascade", 0.3, opts)

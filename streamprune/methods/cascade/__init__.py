@@ -53,11 +53,11 @@ class CascadeConfig:
     base_mlp_num: int = 0  # Olica's Linear Calibration layers (Olica's own default: 6)
     recon: bool = True
     recon_epochs: int = 2
-    recon_lr: float = 1e-4
+    recon_lr: float = 2e-5
     recon_batch_tokens: int = 1024  # tokens per Adam step (whole sequences, at least one)
     recon_val_rows: int = 32
     recon_loss: str = "rms"
-    allocation: str = "uniform"  # "uniform" (the base's) or "measured" (per-layer FFN counts, olica base)
+    allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
 
     def __post_init__(self) -> None:
