@@ -10,7 +10,8 @@ Parameter names under ``model.layers.{i}.`` equal ``LayerSpec.tensor_shapes()`` 
 (a test checks it).
 
 KV cache and masks follow ``LlamaModel`` of the installed transformers (written against
-the 5.x ``Cache`` API: ``cache=`` / deprecated ``past_key_values=``, ``DynamicCache``):
+the 5.x ``Cache`` API of transformers 5.24: ``cache=`` / deprecated ``past_key_values=``,
+``DynamicCache``, ``DummyLayer``; static caches are not supported):
 
 - Each layer caches its own keys (B, G_l, T, head_dim) and values (B, G_l, T, v_head_dim)
   in a ``DynamicCache`` (``DynamicLayer`` per layer, ``DynamicSlidingWindowLayer`` for a
