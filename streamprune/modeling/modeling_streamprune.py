@@ -263,14 +263,14 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
         """Whether any layer kept an attention head (else there is nothing to cache)."""
         return any(layer.self_attn.num_heads for layer in self.layers)
 
-    def _cache_layer(self, i: int):
-        """The cache layer that fits decoder layer ``i`` (a fresh, empty one)."""
+    def _cache_layer_kind(self, i: int) -> tuple[type, dict]:
+        """The cache-layer class (and its arguments) that fits decoder layer ``i``."""
         attn = self.layers[i].self_attn
         if attn.num_heads == 0:
-            return DummyLayer()
+            return DummyLayer, {}
         if attn.sliding_window is not None:
-            return DynamicSlidingWindowLayer(sliding_window=attn.sliding_window)
-        return DynamicLayer()
+            return DynamicSlidingWindowLayer, {"sliding_window": attn.sliding_window}
+        return DynamicLayer, {}
 
     def fit_cache(self, cache: Cache) -> None:
         """Give a ``DynamicCache`` one layer per decoder layer, of the kind that layer needs.
@@ -281,15 +281,14 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
         """
         if not isinstance(cache, DynamicCache):
             return
-        while len(cache.layers) < len(self.layers):
-            cache.layers.append(self._cache_layer(len(cache.layers)))
         for i in range(len(self.layers)):
-            want = self._cache_layer(i)
-            have = cache.layers[i]
-            if type(have) is type(want):
+            cls, kwargs = self._cache_layer_kind(i)
+            if i == len(cache.layers):
+                cache.layers.append(cls(**kwargs))
                 continue
-            if isinstance(want, DummyLayer) or have.get_seq_length() == 0:
-                cache.layers[i] = want
+            have = cache.layers[i]
+            if type(have) is not cls and (cls is DummyLayer or have.get_seq_length() == 0):
+                cache.layers[i] = cls(**kwargs)
 
     def forward(
         self,
