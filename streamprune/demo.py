@@ -2,7 +2,8 @@
 
 Converts (once) the demo model, prunes it at ``ratio`` with the best available method,
 evaluates dense and pruned WikiText-2 perplexity (128-token windows; a fixed subset of
-the first ``DEMO_WINDOWS`` windows unless ``full``), and prints a small table.
+the first ``DEMO_WINDOWS`` windows unless ``full``), prints a small table, and ends with
+one short greedy sample from the dense and from the pruned model on the same prompt.
 """
 
 from __future__ import annotations
@@ -22,10 +23,37 @@ from .evaluate import EvalConfig, perplexity
 
 DEMO_WINDOWS = 64
 DEMO_NSAMPLES = 128
+SAMPLE_PROMPT = "The history of the city of London"
+SAMPLE_TOKENS = 24
 
 
 def best_method() -> str:
     return "olica" if importlib.util.find_spec("streamprune.methods.olica") else "magnitude"
+
+
+def greedy_sample(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = SAMPLE_TOKENS) -> str:
+    """The greedy continuation (new text only, on one line) of ``prompt`` by the model in
+    ``folder`` (a dense checkpoint or a streamprune output), with the KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import load_pruned
+    from .modeling import register
+
+    folder = Path(folder)
+    register()  # the tokenizer reads config.json too: model_type streamprune without remote code
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = load_pruned(folder) if _is_pruned(folder) else AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return " ".join(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).split())
+
+
+def _is_pruned(folder: Path) -> bool:
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get("model_type") == "streamprune"
 
 
 def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, out: Path | None = None, nsamples: int | None = None) -> dict:
@@ -58,6 +86,10 @@ def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, 
     print(file=sys.stderr)
     for name, a, b in rows:
         print(f"{name:<{width}}  {a:>24}  {b:>24}", file=sys.stderr)
+    samples = {"dense": greedy_sample(model), "pruned": greedy_sample(out)}
+    print(f"\ngreedy sample, {SAMPLE_TOKENS} tokens, prompt {SAMPLE_PROMPT!r}:", file=sys.stderr)
+    for name, text in samples.items():
+        print(f"  {name:<6}  ...{text}", file=sys.stderr)
     return {
         "method": method,
         "ratio": ratio,
@@ -69,6 +101,9 @@ def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, 
         "windows": dense["windows"],
         "prune_wall_s": run.get("wall_s"),
         "prune_peak_rss_bytes": run.get("peak_rss_bytes"),
+        "sample_prompt": SAMPLE_PROMPT,
+        "sample_dense": samples["dense"],
+        "sample_pruned": samples["pruned"],
         "total_wall_s": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }

@@ -28,13 +28,19 @@ def fake(monkeypatch, tmp_path):
         return REPORT
 
     monkeypatch.setattr(demo, "prune", prune)
+    monkeypatch.setattr(demo, "greedy_sample", lambda folder: f"text of {folder.name}")
     return calls
 
 
-def test_demo_replaces_its_own_stale_output(fake, tmp_path):
+def test_demo_replaces_its_own_stale_output(fake, tmp_path, capsys):
     result = demo.run_demo(method="olica")
     assert [c.fresh for c in fake] == [False, True]
     assert result["ppl_dense"] == 10.0 and result["ppl_pruned"] == 20.0 and result["achieved_ratio"] == 0.2
+    # ends with a greedy sample of the dense and of the pruned model, on the same prompt
+    assert result["sample_dense"] == "text of model" and result["sample_pruned"] == "text of smollm2-olica-20"
+    err = capsys.readouterr().err.splitlines()
+    assert demo.SAMPLE_PROMPT in err[-3] and err[-2].split() == ["dense", "...text", "of", "model"]
+    assert err[-1].split()[0] == "pruned"
 
 
 def test_demo_never_deletes_a_user_out(fake, tmp_path):

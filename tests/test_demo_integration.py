@@ -67,3 +67,43 @@ def test_pruned_demo_loads_both_ways_with_equal_logits(pruned):
     with torch.no_grad():
         b = remote(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def pruned_other_methods(demo, tmp_path_factory):
+    """LoRAP and SlimLLM outputs (cheap calibration: only generation is tested on them)."""
+    root = tmp_path_factory.mktemp("demo_other")
+    outs = {}
+    for method in ("lorap", "slimllm"):
+        out = root / method
+        prune(PruneConfig(source=demo, out=out, method=method, ratio=0.2, calib="c4", nsamples=16, seqlen=64, progress=False))
+        outs[method] = out
+    return outs
+
+
+def test_greedy_generation_with_cache_equals_without_for_every_method(pruned, pruned_other_methods):
+    """Each method's real pruned shapes (low-rank q/k, shrunk value dims, dropped heads,
+    bypass) through the KV cache: the same greedy tokens as re-running the prefix, for a
+    left-padded batch."""
+    from transformers import AutoTokenizer
+
+    folders = {m: out for m, (out, _) in pruned.items()} | pruned_other_methods
+    assert sorted(folders) == ["lorap", "magnitude", "olica", "slimllm"]
+    tok = AutoTokenizer.from_pretrained(folders["olica"])
+    rows = [tok.encode("The history of the city of London"), tok.encode("Water boils at")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    for method, out in folders.items():
+        model = load_pruned(out).eval()
+        with torch.no_grad():
+            kw = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+            cached = model.generate(ids, **kw)
+            assert torch.equal(cached, model.generate(ids, use_cache=False, **kw)), method
+            # one token per forward through the cache == the full pass, at every position
+            seq = cached[1:, width - len(rows[1]) :]
+            full = model(seq, use_cache=False).logits
+            out = model(seq[:, :4], use_cache=True)
+            steps = [out.logits] + [model(seq[:, t : t + 1], cache=out.cache).logits for t in range(4, seq.shape[1])]
+            rel = ((torch.cat(steps, 1) - full).abs().max() / full.abs().max()).item()
+            assert rel <= 1e-4, (method, rel)

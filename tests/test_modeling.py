@@ -299,7 +299,7 @@ def test_generate_without_cache_is_greedy_argmax():
     ref = _source("llama")
     model = _pruned_from(ref, _dense_specs(ref.config))
     ids = _ids(batch=1, seq=5)
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
     seq = ids
     for _ in range(4):
         nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)

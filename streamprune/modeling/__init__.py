@@ -21,7 +21,6 @@ from .modeling_streamprune import (
     StreamPruneMLP,
     StreamPruneModel,
     StreamPruneRMSNorm,
-    build_attention_mask,
 )
 
 # The remote-code files an output folder carries (the modeling file imports the other one).
@@ -57,7 +56,6 @@ __all__ = [
     "StreamPruneMLP",
     "StreamPruneModel",
     "StreamPruneRMSNorm",
-    "build_attention_mask",
     "layer_spec_dict",
     "register",
 ]

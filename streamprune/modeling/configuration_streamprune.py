@@ -8,6 +8,11 @@ Per-layer shapes come from ``config.layer_specs``: one dict per layer with exact
 fields of ``streamprune.spec.LayerSpec`` (hidden_size, num_kv_heads, heads_per_group,
 head_dim, v_head_dim, intermediate_size, q_rank, k_rank, v_rank, o_rank, qkv_bias, o_bias,
 down_bias, bypass_rank).
+
+The attention window is the source's: ``layer_types[i]`` is ``"sliding_attention"``
+where the source architecture applies ``sliding_window`` to layer ``i`` (Mistral: every
+layer when ``sliding_window`` is set; Qwen2: its own ``layer_types``, i.e. layers from
+``max_window_layers`` on when ``use_sliding_window``), else ``"full_attention"``.
 """
 
 import copy
@@ -54,6 +59,31 @@ _CARRIED_FIELDS = (
     "rope_parameters",
 )
 
+_WINDOW_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def source_attention_window(source_config) -> tuple[int | None, list[str] | None]:
+    """``(sliding_window, layer_types)`` of a source config, as its architecture applies them.
+
+    ``(None, None)`` when no layer uses a window (Llama; Mistral with ``sliding_window``
+    null; Qwen2 without ``use_sliding_window``, whose config already nulls the window).
+    Raises ``ValueError`` on a layer type other than full / sliding attention.
+    """
+    window = getattr(source_config, "sliding_window", None)
+    if window is None:
+        return None, None
+    n = source_config.num_hidden_layers
+    layer_types = getattr(source_config, "layer_types", None)
+    if layer_types is None:  # Mistral: the window applies to every layer
+        layer_types = ["sliding_attention"] * n
+    layer_types = list(layer_types)
+    bad = sorted(set(layer_types) - set(_WINDOW_LAYER_TYPES))
+    if bad:
+        raise ValueError(f"source layer_types {bad} are not supported (only {list(_WINDOW_LAYER_TYPES)})")
+    if "sliding_attention" not in layer_types:
+        return None, None
+    return int(window), layer_types
+
 
 def layer_spec_dict(spec) -> dict:
     """Normalise a layer spec (dict, or an object with ``to_dict()`` such as LayerSpec).
@@ -80,12 +110,22 @@ class StreamPruneConfig(LlamaConfig):
     keep the *source* model's values; the truth per layer is ``layer_specs``. ``head_dim``,
     ``rope_parameters``, ``rms_norm_eps``, ``hidden_act``, vocab and embedding tying are
     the source's and are used as is. ``layer_specs=None`` means dense Llama layers.
+    ``sliding_window`` / ``layer_types``: the source's attention window (module docstring);
+    ``layer_types`` defaults to full attention everywhere.
     """
 
     model_type = "streamprune"
 
     layer_specs: list[dict] | None = None
     source_model_type: str = "llama"
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
 
     @classmethod
     def from_source(cls, source_config, layer_specs, **overrides) -> "StreamPruneConfig":
@@ -101,9 +141,14 @@ class StreamPruneConfig(LlamaConfig):
         if dtype is not None:
             kwargs["dtype"] = str(dtype).removeprefix("torch.")
         kwargs["source_model_type"] = getattr(source_config, "model_type", "llama")
+        kwargs["sliding_window"], kwargs["layer_types"] = source_attention_window(source_config)
         kwargs["layer_specs"] = [layer_spec_dict(s) for s in layer_specs]
         kwargs["num_hidden_layers"] = len(kwargs["layer_specs"])
-        kwargs["use_cache"] = False
+        if kwargs["layer_types"] is not None and len(kwargs["layer_types"]) != kwargs["num_hidden_layers"]:
+            raise ValueError(
+                f"source has {len(kwargs['layer_types'])} layer_types but {kwargs['num_hidden_layers']} layer specs"
+            )
+        kwargs["use_cache"] = True
         kwargs.update(overrides)
         config = cls(**kwargs)
         config.check_layer_specs()
@@ -124,6 +169,12 @@ class StreamPruneConfig(LlamaConfig):
                 "o_bias": bool(self.attention_bias),
             }
         return layer_spec_dict(self.layer_specs[layer_idx])
+
+    def layer_window(self, layer_idx: int | None) -> int | None:
+        """The sliding window layer ``layer_idx`` applies, or None (full causal attention)."""
+        if layer_idx is None or self.sliding_window is None or self.layer_types is None:
+            return None
+        return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
 
     def check_layer_specs(self) -> None:
         """Raise ``ValueError`` if layer_specs disagree with the model-wide fields."""

@@ -9,15 +9,27 @@ Per-layer shapes come from ``config.layer_specs`` (see ``configuration_streampru
 Parameter names under ``model.layers.{i}.`` equal ``LayerSpec.tensor_shapes()`` exactly
 (a test checks it).
 
-Differences from the source architecture, on purpose:
+KV cache and masks follow ``LlamaModel`` of the installed transformers (written against
+the 5.x ``Cache`` API of transformers 5.24: ``cache=`` / deprecated ``past_key_values=``,
+``DynamicCache``, ``DummyLayer``; static caches are not supported):
 
-- No KV cache. ``generate`` always runs with ``use_cache=False`` (each step re-runs the
-  whole prefix): fine for evaluation and short samples, slow for long generations.
-- Attention is always ``torch.nn.functional.scaled_dot_product_attention`` with a causal
-  (+ padding) mask over the full sequence; a source's sliding window (Mistral v0.1,
-  Qwen2 with ``use_sliding_window``) is not applied.
+- Each layer caches its own keys (B, G_l, T, head_dim) and values (B, G_l, T, v_head_dim)
+  in a ``DynamicCache`` (``DynamicLayer`` per layer, ``DynamicSlidingWindowLayer`` for a
+  sliding-window layer). A layer whose attention was pruned away has nothing to cache: its
+  cache slot is a ``DummyLayer`` (``Cache.get_seq_length()`` then reads the first layer
+  that has attention). A model without any attention head runs without a cache.
+- Masks come from ``transformers.masking_utils`` (``create_causal_mask``, and
+  ``create_sliding_window_causal_mask`` for the layers where the source applies its
+  ``sliding_window``: Mistral, Qwen2 with ``use_sliding_window``), as in the source models.
+- Attention is SDPA (``transformers.integrations.sdpa_attention``); a value head dim
+  smaller than the query/key head dim is zero-padded for prefill only (fused kernels
+  want equal head dims), never in the cache.
 - With a 2-D ``attention_mask`` and no ``position_ids``, positions are
-  ``cumsum(mask) - 1``, so a left-padded row sees the same RoPE positions as unpadded.
+  ``cumsum(mask) - 1`` (the same as ``generate`` passes), so a left-padded row sees the
+  same RoPE positions as unpadded; without a mask, ``arange + past length``.
+  ``cache_position`` is not used (transformers 5 models derive it from the cache).
+- The decoder layer called standalone (the streaming engine: ``attention_mask=None``,
+  no cache) is plain causal attention over its input.
 """
 
 import math
@@ -27,6 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -79,30 +94,20 @@ class StreamPruneRMSNorm(nn.Module):
         return self.weight * h.to(input_dtype)
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """2-D padding mask (batch, seq) of 1/0 -> bool keep-mask (batch, 1, seq, seq), or None.
+# transformers renamed the outputs' / forwards' ``past_key_values`` to ``cache`` in 5.x.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    None (or a mask without zeros) means plain causal attention. The diagonal is always
-    kept so that a padding query attends to itself instead of to nothing (SDPA returns NaN
-    for an all-masked row); real queries never see padding keys.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 4:  # already built
-        return attention_mask.bool()
-    if attention_mask.shape[-1] != seq_len:
-        raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, inputs have {seq_len}")
-    key_keep = attention_mask.bool()  # (B, T)
-    if bool(key_keep.all()):
-        return None
-    device = attention_mask.device
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # (T, T)
-    eye = torch.eye(seq_len, dtype=torch.bool, device=device)
-    return (causal & key_keep[:, None, None, :]) | eye  # (B, 1, T, T)
+
+def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """``cache=`` or the deprecated ``past_key_values=`` (popped from ``kwargs``)."""
+    past = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else past
 
 
 class StreamPruneAttention(nn.Module):
     """GQA attention with per-layer shapes; 0 heads = the block outputs zeros (+ o bias)."""
+
+    is_causal = True  # read by sdpa_attention_forward
 
     def __init__(self, config: StreamPruneConfig, spec, layer_idx: int | None = None) -> None:
         super().__init__()
@@ -112,10 +117,12 @@ class StreamPruneAttention(nn.Module):
         self.hidden_size = d
         self.num_kv_heads = s["num_kv_heads"]
         self.heads_per_group = s["heads_per_group"]
+        self.num_key_value_groups = self.heads_per_group  # the name sdpa_attention_forward reads
         self.num_heads = self.num_kv_heads * self.heads_per_group
         self.head_dim = s["head_dim"]
         self.v_head_dim = s["v_head_dim"]
         self.scaling = 1.0 / math.sqrt(self.head_dim) if self.head_dim else 1.0
+        self.sliding_window = config.layer_window(layer_idx) if hasattr(config, "layer_window") else None
         if self.num_heads == 0:
             self.o_proj = BiasOnly(d) if s["o_bias"] else None
             return
@@ -128,11 +135,17 @@ class StreamPruneAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        """(B, T, d) -> (B, T, d). ``attention_mask``: None, 2-D (B, T) 1/0, or bool (B, 1, T, T)."""
-        if self.num_heads == 0:
+        """(B, T, d) -> (B, T, d).
+
+        ``attention_mask``: None (causal over the keys, no padding) or a 4-D mask from
+        ``transformers.masking_utils`` (bool keep-mask or additive float), (B, 1, T, kv).
+        ``cache``: this layer's keys/values are appended to ``cache.layers[layer_idx]``.
+        """
+        if self.num_heads == 0:  # nothing to attend with, nothing to cache
             if self.o_proj is None:
                 return torch.zeros_like(hidden_states)
             return self.o_proj(hidden_states)
@@ -142,17 +155,13 @@ class StreamPruneAttention(nn.Module):
         v = self.v_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (B, H, T, hd), (B, G, T, hd)
-        if self.heads_per_group > 1:  # query head j uses KV head j // heads_per_group
-            k = k.repeat_interleave(self.heads_per_group, dim=1)
-            v = v.repeat_interleave(self.heads_per_group, dim=1)
-        mask = build_attention_mask(attention_mask, seq_len)
-        pad = self.head_dim - self.v_head_dim  # fused SDPA kernels want equal head dims (6.7x at T 2048 on CPU)
-        if pad > 0:
+        if cache is not None:  # (B, G, past + T, hd), (B, G, past + T, v_hd)
+            k, v = cache.update(k, v, self.layer_idx)
+        pad = self.head_dim - self.v_head_dim
+        if pad > 0 and seq_len > 1:  # fused SDPA kernels want equal head dims (6.7x at T 2048 on CPU)
             v = F.pad(v, (0, pad))  # zero value dims produce zero outputs, sliced off below
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling
-        )[..., : self.v_head_dim]  # (B, H, T, v_hd)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.v_head_dim)
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)  # (B, T, H, v_hd[+pad])
+        out = out[..., : self.v_head_dim].reshape(bsz, seq_len, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 
 
@@ -204,9 +213,11 @@ class StreamPruneDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """(B, T, d) -> (B, T, d); ``position_embeddings`` = (cos, sin) from the rotary module."""
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
+        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
+        h = hidden_states + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -247,6 +258,38 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
 
+    @property
+    def has_attention(self) -> bool:
+        """Whether any layer kept an attention head (else there is nothing to cache)."""
+        return any(layer.self_attn.num_heads for layer in self.layers)
+
+    def _cache_layer_kind(self, i: int) -> tuple[type, dict]:
+        """The cache-layer class (and its arguments) that fits decoder layer ``i``."""
+        attn = self.layers[i].self_attn
+        if attn.num_heads == 0:
+            return DummyLayer, {}
+        if attn.sliding_window is not None:
+            return DynamicSlidingWindowLayer, {"sliding_window": attn.sliding_window}
+        return DynamicLayer, {}
+
+    def fit_cache(self, cache: Cache) -> None:
+        """Give a ``DynamicCache`` one layer per decoder layer, of the kind that layer needs.
+
+        Slots of layers without attention become ``DummyLayer`` (whatever they held: those
+        layers store nothing); empty slots of another kind (a ``DynamicCache()`` built
+        without this config) are replaced by the right kind. Other caches are left as is.
+        """
+        if not isinstance(cache, DynamicCache):
+            return
+        for i in range(len(self.layers)):
+            cls, kwargs = self._cache_layer_kind(i)
+            if i == len(cache.layers):
+                cache.layers.append(cls(**kwargs))
+                continue
+            have = cache.layers[i]
+            if type(have) is not cls and (cls is DummyLayer or have.get_seq_length() == 0):
+                cache.layers[i] = cls(**kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -254,37 +297,64 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,  # use_cache / cache / past_key_values ...: ignored (no KV cache)
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``attention_mask``: 2-D (B, past + T) 1/0 padding mask, or None. ``cache``: a
+        ``Cache`` to extend (``past_key_values=`` is accepted too); with ``use_cache`` (default
+        ``config.use_cache``) and no cache, a new ``DynamicCache`` is made and returned."""
+        cache = _cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not self.has_attention:
+            cache = None  # no layer attends to the past: nothing to cache
+        elif use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            self.fit_cache(cache)
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # (B, T)
             else:
-                position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None]  # (1, T)
-        mask = build_attention_mask(attention_mask, seq_len)
+                past = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device)[None]  # (1, T)
+        mask_args = dict(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        kinds = set(self.config.layer_types)
+        masks = {}
+        if "full_attention" in kinds:
+            masks["full_attention"] = create_causal_mask(**mask_args)
+        if "sliding_attention" in kinds:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
+        for layer, kind in zip(self.layers, self.config.layer_types):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, mask)
+            hidden_states = layer(hidden_states, position_embeddings, masks[kind], cache)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{_CACHE_FIELD: cache},
         )
 
 
 class StreamPruneForCausalLM(StreamPrunePreTrainedModel, GenerationMixin):
-    """Causal LM head over :class:`StreamPruneModel`. No KV cache: see :meth:`generate`."""
+    """Causal LM head over :class:`StreamPruneModel`; ``generate`` uses a ``DynamicCache``."""
 
     # transformers 5: {target: source}; applied only when config.tie_word_embeddings.
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -295,8 +365,6 @@ class StreamPruneForCausalLM(StreamPrunePreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        if getattr(self, "generation_config", None) is not None:
-            self.generation_config.use_cache = False
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -318,33 +386,44 @@ class StreamPruneForCausalLM(StreamPrunePreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,  # use_cache / cache / past_key_values ...: ignored (no KV cache)
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits (B, T, vocab); with ``labels``, loss = mean next-token cross-entropy
-        (labels shifted left by one inside, -100 ignored)."""
+        """Logits (B, T, vocab) (only the last ``logits_to_keep`` positions when > 0, as
+        ``generate`` asks); with ``labels``, loss = mean next-token cross-entropy (labels
+        shifted left by one inside, -100 ignored). Cache arguments: see :class:`StreamPruneModel`."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
+            cache=_cache_argument(cache, kwargs),
+            use_cache=use_cache,
         )
-        logits = self.lm_head(out.last_hidden_state)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V) fp32
             shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
             loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no KV cache: generate must not build one
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
+        )
 
     def generate(self, *args, **kwargs):
-        """``GenerationMixin.generate`` with ``use_cache=False`` forced (this model has no KV
-        cache; each step re-runs the whole prefix)."""
-        kwargs["use_cache"] = False
+        """``GenerationMixin.generate``; with a ``DynamicCache`` unless ``use_cache=False``
+        (or the model kept no attention head: then each step re-runs the prefix, which
+        costs no attention)."""
+        if not self.model.has_attention:
+            kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
 
 
@@ -359,6 +438,5 @@ __all__ = [
     "StreamPruneModel",
     "StreamPrunePreTrainedModel",
     "StreamPruneRMSNorm",
-    "build_attention_mask",
     "layer_spec_dict",
 ]
