@@ -28,7 +28,8 @@ SAMPLE_TOKENS = 24
 
 
 def best_method() -> str:
-    return "olica" if importlib.util.find_spec("streamprune.methods.olica") else "magnitude"
+    """The best measured method (benchmarks/RESULTS.md, "cascade"): WikiText-2 PPL at 20 % below Olica's."""
+    return "cascade" if importlib.util.find_spec("streamprune.methods.cascade") else "magnitude"
 
 
 def greedy_sample(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = SAMPLE_TOKENS) -> str:
