@@ -244,7 +244,7 @@ class Check:
         self.record("env", "ok", secs, note=f"{env.get('device_name')}, torch {env.get('torch')}")
 
     def step_synthetic(self) -> None:
-        shape = SMALL_SHAPE if self.a.small else FULL_SHAPE
+        shape = (SMALL_SHAPE if self.a.small else FULL_SHAPE) + ["--gen-device", "cuda" if self.resolve_device().startswith("cuda") else "cpu"]
         folder = self.a.work / "model"
         stamp = self.a.work / "model.json"
         if stamp.exists() and json.loads(stamp.read_text()).get("args") == shape and folder.is_dir():
@@ -376,7 +376,7 @@ def last_json(lines: list[str]) -> dict | list | None:
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")  # key order kept: steps in run order
     os.replace(tmp, path)
 
 

@@ -23,6 +23,10 @@ def _f(v, spec: str = ".2f", scale: float = 1.0, none: str = "–") -> str:
     return none if v is None else format(v / scale, spec)
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def _ok(flag: bool | None) -> str:
     return "–" if flag is None else ("yes" if flag else "**NO**")
 
@@ -125,7 +129,7 @@ def kernels_block(s: dict) -> list[str]:
     out = [f"Kernels (`bench_kernels.py`, tokens {sh.get('tokens')}, d {sh.get('d')}, f {sh.get('f')}, best of {k.get('repeat', '?')}, "
            f"SVDs best of {k.get('svd_repeat', '?')}):", "", "| kernel | shape | ms | achieved | vs ceiling |", "|---|---|---|---|---|"]
     for r in k.get("moments", []):
-        out.append(f"| {r['kernel']} | {r['shape']} | {r['ms']:.1f} | {r['rate']} | {_f(r.get('vs_ceiling'), '.2f')} {r.get('ceiling', '')} |")
+        out.append(f"| {r['kernel']} | {_cell(r['shape'])} | {r['ms']:.1f} | {r['rate']} | {_f(r.get('vs_ceiling'), '.2f')} {r.get('ceiling', '')} |")
     out += ["", "| case | shape | solver | ms | excess vs full |", "|---|---|---|---|---|"]
     for r in k.get("svd", []):
         out.append(f"| {r['case']} | {r['shape']} | {r['kernel']} | {r['ms']:.1f} | {_f(r.get('excess'), '.1e')} |")
@@ -135,7 +139,7 @@ def kernels_block(s: dict) -> list[str]:
 def steps_block(s: dict) -> list[str]:
     out = ["| step | status | s | note |", "|---|---|---|---|"]
     for name, v in s.get("steps", {}).items():
-        out.append(f"| {name} | {v['status']} | {v['seconds']} | {v.get('note', '')} |")
+        out.append(f"| {name} | {v['status']} | {v['seconds']} | {_cell(v.get('note', ''))} |")
     return out + [""]
 
 
