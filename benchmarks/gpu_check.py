@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 256; 16 with --small)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration length (default 128; 64 with --small)")
     p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per forward chunk (engine default 16384; "
+                   "lower it if the GPU peak is over 16 GB)")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                    help="results folder (default $OUT, else WORK/out)")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("WORK", "/tmp/streamprune_gpu_check")),
@@ -92,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: install unless this checkout is importable already")
     p.add_argument("--tests", default=None, help="pytest arguments for the tests step (default: the engine / method / "
                    "modeling / kernel test files, -m 'not slow')")
+    p.add_argument("--test-workers", type=int, default=None, help="pytest-xdist workers for the tests step when xdist is "
+                   "installed (default min(8, cores / 2); 0 with --small; 0 = one process)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (default: remove what the run made)")
     p.add_argument("--verbose", action="store_true", help="echo every child line to stdout (always in gpu_check.log)")
     a = p.parse_args(argv)
@@ -104,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seqlen = a.seqlen or (64 if a.small else 128)
     a.budget_s = a.budget_s or (300.0 if a.small else 450.0)
     a.out = a.out or a.work / "out"
+    if a.test_workers is None:
+        a.test_workers = 0 if a.small else min(8, (os.cpu_count() or 2) // 2)
     return a
 
 
@@ -120,7 +126,7 @@ class Check:
             "meta": {"started_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                      "command": "bash benchmarks/gpu_check.sh " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                      "small": a.small, "methods": a.methods, "ratio": a.ratio, "max_gpu_memory": a.max_gpu_memory,
-                     "nsamples": a.nsamples, "seqlen": a.seqlen, "compute_dtype": a.compute_dtype,
+                     "nsamples": a.nsamples, "seqlen": a.seqlen, "chunk_tokens": a.chunk_tokens, "compute_dtype": a.compute_dtype,
                      "budget_s": a.budget_s, "work": str(a.work), **source_identity()},
             "steps": {},
         }
@@ -292,7 +298,7 @@ class Check:
             shutil.rmtree(bench, ignore_errors=True)
             cmd = [self.py, str(HERE / "bench_layers.py"), "--model", str(model), "--method", method, "--ratio", str(self.a.ratio),
                    "--device", self.resolve_device(), "--compute-dtype", self.a.compute_dtype, "--max-gpu-memory", self.a.max_gpu_memory,
-                   "--nsamples", str(self.a.nsamples), "--seqlen", str(self.a.seqlen), "--work", str(bench),
+                   "--nsamples", str(self.a.nsamples), "--seqlen", str(self.a.seqlen), "--chunk-tokens", str(self.a.chunk_tokens), "--work", str(bench),
                    "--bw-mib", "16" if self.a.small else "2048", "--no-progress", "--no-fallback"]
             for opt in self.a.option:
                 cmd += ["--option", opt]
@@ -323,15 +329,18 @@ class Check:
             selection = [*TEST_FILES, "-m", "not slow"]
         cmd = [self.py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_outcomes", "--outcomes-json", str(outcomes),
                "--device", self.resolve_device(), *selection]
+        if self.a.test_workers > 1 and subprocess.run([self.py, "-c", "import xdist"], capture_output=True).returncode == 0:
+            cmd += ["-n", str(self.a.test_workers)]  # the device image has pytest-xdist: 16 cores
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         rc, lines, secs = self.run("tests", cmd, self.cap("tests"), env=env)
         res = json.loads(outcomes.read_text()) if outcomes.exists() else {}
-        res.update(args=selection, rc=rc, device=self.device, tail=lines[-3:])
+        res.update(args=selection, command="pytest " + " ".join(shlex.quote(c) for c in cmd[3:]), rc=rc, device=self.device, tail=lines[-3:])
         self.summary["tests"] = res
         write_json(self.a.out / "tests.json", res)
         counts = res.get("counts", {})
         status = "timeout" if rc is None else ("ok" if rc == 0 else "failed")
-        self.record("tests", status, secs, rc=rc, note=", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        note = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ("" if res.get("complete") else " (so far)")
+        self.record("tests", status, secs, rc=rc, note=note)
 
     def step_kernels(self) -> None:
         if self.skip_for_budget("kernels"):

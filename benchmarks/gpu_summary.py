@@ -59,8 +59,10 @@ def header(s: dict) -> list[str]:
         out.append(f"Checkpoint: synthetic, d {syn['hidden_size']}, f {syn['intermediate_size']}, {syn['num_attention_heads']}/"
                    f"{syn['num_key_value_heads']} heads, h {syn['head_dim']}, {syn['layers']} layers, vocab {syn['vocab_size']}, "
                    f"{syn['dtype']} ({syn['layer_bytes'] / GiB:.2f} GiB a layer); calibration {meta.get('nsamples')} × "
-                   f"{meta.get('seqlen')} C4 tokens, compute {meta.get('compute_dtype')}, `--max-gpu-memory {meta.get('max_gpu_memory')}`"
-                   + (f"; work folder {w.get('path')} on {w.get('fstype')} ({w.get('mount')})." if w else "."))
+                   f"{meta.get('seqlen')} C4 tokens, compute {meta.get('compute_dtype')}, `--max-gpu-memory {meta.get('max_gpu_memory')}`, "
+                   f"chunks of {meta.get('chunk_tokens')} tokens"
+                   + (f"; work folder {w.get('path')} on {w.get('fstype')} ({w.get('mount')})" if w else "")
+                   + (" — **a RAM filesystem: the disk figures are memory bandwidth**." if w.get("fstype") in ("tmpfs", "ramfs") else "."))
     out.append("")
     return out
 
@@ -109,11 +111,11 @@ def tests_block(s: dict) -> list[str]:
         return []
     counts = t.get("counts", {})
     dev = t.get("device_fixture_counts", {})
-    line = (f"Tests (`pytest {' '.join(t.get('args', []))} --device {t.get('device')}`): "
+    line = (f"Tests (`{t.get('command', 'pytest')}`): "
             + (", ".join(f"{counts[k]} {k}" for k in ("passed", "failed", "error", "skipped") if counts.get(k)) or "no results")
             + f" of {t.get('total', 0)}; of these, {t.get('device_fixture_tests', 0)} take the `device` fixture and ran on "
             f"{t.get('device')} (" + (", ".join(f"{v} {k}" for k, v in dev.items() if v) or "none") + "); the others run on the CPU"
-            + (" (exit status None: killed at its time limit)" if t.get("rc") is None else "") + ".")
+            + (" (killed at its time limit: counts so far)" if t.get("rc") is None else "") + ".")
     out = [line]
     bad = [x["nodeid"] for x in t.get("tests", []) if x["outcome"] in ("failed", "error")]
     if bad:
