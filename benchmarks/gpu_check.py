@@ -332,7 +332,7 @@ class Check:
         if self.a.test_workers > 1 and subprocess.run([self.py, "-c", "import xdist"], capture_output=True).returncode == 0:
             cmd += ["-n", str(self.a.test_workers)]  # the device image has pytest-xdist: 16 cores
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-        rc, lines, secs = self.run("tests", cmd, self.cap("tests"), env=env)
+        rc, lines, secs = self.run("tests", cmd, self.cap("tests"), env)
         res = json.loads(outcomes.read_text()) if outcomes.exists() else {}
         res.update(args=selection, command="pytest " + " ".join(shlex.quote(c) for c in cmd[3:]), rc=rc, device=self.device, tail=lines[-3:])
         self.summary["tests"] = res

@@ -226,13 +226,17 @@ def config_from_args(a: argparse.Namespace) -> dict:
                         tie_word_embeddings=a.tie, rope_theta=a.rope_theta, max_position_embeddings=a.max_position)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     p.add_argument("--gen-device", default="cpu", help="device that draws the random weights (cuda: much faster "
                    "for 70B shapes; other numbers than cpu)")
     add_shape_args(p)
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     cfg = config_from_args(a)
     print(f"writing {a.config} shapes (d {cfg['hidden_size']}, f {cfg['intermediate_size']}, H {cfg['num_attention_heads']}, "
           f"G {cfg['num_key_value_heads']}, h {cfg['head_dim']}, vocab {cfg['vocab_size']}) x {a.layers} layers to {a.out}")

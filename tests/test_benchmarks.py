@@ -206,3 +206,51 @@ def test_gpu_check_kills_a_child_past_its_limit(tmp_path):
     assert rc is None and lines == ["started"] and 2 <= secs < 30 and time.monotonic() - t0 < 30
     check.log.close()
     assert "sleeper: over its 2 s limit; killing pid" in (tmp_path / "o" / "gpu_check.log").read_text()
+
+
+def test_gpu_check_full_mode_builds_commands_the_scripts_accept(tmp_path, monkeypatch):
+    """The 70B-shaped branch cannot run in CI: replay it with a fake child runner on a
+    pretend CUDA machine and parse every command with the script's own argument parser."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_kernels
+        import bench_layers
+        import gpu_check
+        import make_synthetic
+    finally:
+        sys.path.remove(str(BENCH))
+    work = tmp_path / "w"
+    check = gpu_check.Check(gpu_check.parse_args(["--methods", "olica,lorap", "--out", str(tmp_path / "o"), "--work", str(work),
+                                                  "--install", "never"]))
+    env = {"cuda_available": True, "device_name": "NVIDIA H200", "streamprune": {"methods": ["lorap", "magnitude", "olica"]}}
+    synthetic = {"folder": str(work / "model"), "layers": 4, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 4096, "dtype": "bfloat16", "layer_bytes": 1, "total_bytes": 1}
+    calls = []
+
+    def fake_run(name, cmd, cap, env_vars=None):
+        calls.append((name, cmd))
+        if name == "env":
+            return 0, [json.dumps(env)], 1.0
+        if name == "synthetic":
+            (work / "model").mkdir(parents=True)
+            return 0, [json.dumps(synthetic)], 1.0
+        return 1, ["not run"], 1.0
+
+    monkeypatch.setattr(check, "run", fake_run)
+    for step in gpu_check.STEPS:
+        getattr(check, f"step_{step}")()
+    check.log.close()
+    by_name = dict(calls)
+    assert [n for n, _ in calls] == ["env", "synthetic", "layers:olica", "layers:lorap", "tests", "kernels"]
+    syn = make_synthetic.build_parser().parse_args(by_name["synthetic"][2:])
+    assert (syn.config, syn.layers, syn.vocab, syn.gen_device) == ("llama-2-70b", 4, 4096, "cuda")
+    monkeypatch.setattr(sys, "argv", by_name["layers:olica"][1:])
+    lay = bench_layers.parse_args()
+    assert (lay.method, lay.ratio, lay.device, lay.compute_dtype, lay.max_gpu_memory) == ("olica", 0.2, "cuda", "bfloat16", "24GiB")
+    assert (lay.nsamples, lay.seqlen, lay.chunk_tokens, lay.bw_mib, lay.no_fallback, lay.model) == (256, 128, 16384, 2048, True, work / "model")
+    monkeypatch.setattr(sys, "argv", by_name["kernels"][1:])
+    ker = bench_kernels.parse_args()
+    assert (ker.device, ker.small, ker.d, ker.f, ker.repeat, ker.svd_repeat) == ("cuda", False, 8192, 28672, 5, 1)
+    tests = by_name["tests"]
+    assert tests[tests.index("--device") + 1] == "cuda" and "not slow" in tests
+    assert all(f in tests for f in gpu_check.TEST_FILES) and all((BENCH.parent / f).exists() for f in gpu_check.TEST_FILES)
