@@ -1,12 +1,12 @@
 """One prepared GPU check: 70B-shaped layers on a 24 GiB budget (issue 15). Driven by gpu_check.sh.
 
-    bash benchmarks/gpu_check.sh                              # the GPU check: bare machine -> $OUT, <= ~7.5 min
+    bash benchmarks/gpu_check.sh                              # the GPU check: bare machine -> $OUT, <= 7 min
     METHODS="olica cascade" bash benchmarks/gpu_check.sh      # more methods (or --methods "olica cascade")
     bash benchmarks/gpu_check.sh --small                      # tiny shapes, any device (CPU: under a minute)
     bash benchmarks/gpu_check.sh --steps layers --methods cascade   # rerun one part on a warm machine
 
 Steps, in this order (``--steps`` picks a subset), each a child process with its own time
-limit, all inside one overall budget (``--budget-s``, default 450 s) so that the whole
+limit, all inside one overall budget (``--budget-s``, default 420 s) so that the whole
 check fits one device call with time left for a rerun:
 
   install    ``pip install -e .`` into this Python. When torch, transformers, safetensors,
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="results folder (default $OUT, else WORK/out)")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("WORK", "/tmp/streamprune_gpu_check")),
                    help="checkpoint, runs and outputs (default $WORK or /tmp/streamprune_gpu_check): the disk measured")
-    p.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 450; 300 with --small)")
+    p.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 420; 300 with --small)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--install", choices=("auto", "always", "never"), default="auto",
                    help="auto: install unless this checkout is importable already")
@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --steps {','.join(bad)}; choose from {','.join(STEPS)}")
     a.nsamples = a.nsamples or (16 if a.small else 256)
     a.seqlen = a.seqlen or (64 if a.small else 128)
-    a.budget_s = a.budget_s or (300.0 if a.small else 450.0)
+    a.budget_s = a.budget_s or (300.0 if a.small else 420.0)
     a.out = a.out or a.work / "out"
     if a.test_workers is None:
         a.test_workers = 0 if a.small else min(8, (os.cpu_count() or 2) // 2)
@@ -240,14 +240,20 @@ class Check:
         env = last_json(lines) if rc == 0 else None
         if env is None:
             self.record("env", "failed" if rc is not None else "timeout", secs, rc=rc)
-            if self.device == "auto":
-                self.device = "cpu"
             return
         self.summary["env"] = env
         write_json(self.a.out / "env.json", env)
         if self.device == "auto":
             self.device = "cuda" if env.get("cuda_available") else "cpu"
         self.record("env", "ok", secs, note=f"{env.get('device_name')}, torch {env.get('torch')}")
+
+    def check_device(self) -> None:
+        """The 70B-shaped check on a CPU would run for hours: refuse unless asked for explicitly."""
+        if not self.a.small and self.a.device == "auto" and self.resolve_device() == "cpu":
+            self.say("torch sees no CUDA device here: the 70B-shaped check needs one. Use --small on a CPU "
+                     "(or --device cpu to insist)")
+            self.summary["steps"]["device"] = {"status": "failed", "seconds": 0.0, "note": "no CUDA device; use --small"}
+            raise SystemExit(self.finish(2))
 
     def step_synthetic(self) -> None:
         shape = (SMALL_SHAPE if self.a.small else FULL_SHAPE) + ["--gen-device", "cuda" if self.resolve_device().startswith("cuda") else "cpu"]
@@ -429,6 +435,8 @@ def main(argv=None) -> int:
     check.say(f"start: steps {','.join(a.steps)}, methods {' '.join(a.methods)}, budget {a.budget_s:.0f} s, "
               f"{'small' if a.small else '70B-shaped'}, out {a.out}, work {a.work}, python {check.py}")
     for step in a.steps:
+        if step not in ("install", "env"):
+            check.check_device()
         getattr(check, f"step_{step}")()
     failed = [k for k, v in check.summary["steps"].items() if v["status"] in ("failed", "timeout")]
     return check.finish(1 if failed else 0)

@@ -128,7 +128,10 @@ def main() -> None:
         env["gpu"] = {"name": props.name, "total_memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count,
                       "capability": f"{props.major}.{props.minor}", "nvidia_smi": nvidia_smi()}
         if not a.no_ceilings:
-            env["ceilings"] = cuda_ceilings(torch, dev)
+            try:
+                env["ceilings"] = cuda_ceilings(torch, dev)
+            except Exception as e:  # reported; the rest of the check does not depend on it
+                env["ceilings_error"] = f"{type(e).__name__}: {e}"
         env["device_name"] = props.name
     else:
         env["device_name"] = f"cpu ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"

@@ -254,3 +254,18 @@ def test_gpu_check_full_mode_builds_commands_the_scripts_accept(tmp_path, monkey
     tests = by_name["tests"]
     assert tests[tests.index("--device") + 1] == "cuda" and "not slow" in tests
     assert all(f in tests for f in gpu_check.TEST_FILES) and all((BENCH.parent / f).exists() for f in gpu_check.TEST_FILES)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_the_70b_check_without_cuda(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--steps", "synthetic,layers", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+    assert e.value.code == 2
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["steps"] == {"device": {"status": "failed", "seconds": 0.0, "note": "no CUDA device; use --small"}}
+    assert not (tmp_path / "w" / "model").exists()
