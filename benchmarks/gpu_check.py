@@ -64,9 +64,11 @@ DEPS = ("torch", "safetensors", "transformers", "accelerate", "psutil", "tqdm", 
 FULL_SHAPE = ["--config", "llama-2-70b", "--layers", "4", "--vocab", "4096"]
 SMALL_SHAPE = ["--config", "custom", "--hidden", "128", "--intermediate", "352", "--heads", "4", "--kv-heads", "2",
                "--layers", "4", "--vocab", "1024"]
-# Per-step time caps (s); the overall budget cuts them further.
+# Per-step time caps (s), scaled by --budget-s / its default when that is larger; the
+# overall budget cuts them further.
 CAPS = {"install": 150, "env": 90, "synthetic": 180, "layers": 240, "tests": 180, "kernels": 180}
 SMALL_CAPS = {"install": 150, "env": 60, "synthetic": 60, "layers": 90, "tests": 120, "kernels": 60}
+BUDGET_S, SMALL_BUDGET_S = 420.0, 300.0  # default --budget-s
 MIN_STEP_S = 15  # a step with less time left than this is skipped
 
 
@@ -106,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --steps {','.join(bad)}; choose from {','.join(STEPS)}")
     a.nsamples = a.nsamples or (16 if a.small else 256)
     a.seqlen = a.seqlen or (64 if a.small else 128)
-    a.budget_s = a.budget_s or (300.0 if a.small else 420.0)
+    a.budget_s = a.budget_s or (SMALL_BUDGET_S if a.small else BUDGET_S)
     a.out = a.out or a.work / "out"
     if a.test_workers is None:
         a.test_workers = 0 if a.small else min(8, (os.cpu_count() or 2) // 2)
@@ -190,7 +192,9 @@ class Check:
         (self.a.out / "gpu_section.md").write_text(gpu_summary.render(self.summary))
 
     def cap(self, step: str) -> float:
-        return (SMALL_CAPS if self.a.small else CAPS)[step]
+        """The step's cap, scaled up with a budget above the default (a slow or shared machine)."""
+        scale = max(1.0, self.a.budget_s / (SMALL_BUDGET_S if self.a.small else BUDGET_S))
+        return (SMALL_CAPS if self.a.small else CAPS)[step] * scale
 
     def skip_for_budget(self, step: str) -> bool:
         if self.left() < MIN_STEP_S:
