@@ -277,7 +277,7 @@ class Check:
             return
         write_json(stamp, {"args": shape, "summary": info})
         self.summary["synthetic"] = info
-        self.record("synthetic", "ok", secs, note=f"{info['total_bytes'] / 2**30:.2f} GiB in {info['layers'] + 1} shards")
+        self.record("synthetic", "ok", secs, note=f"{info['total_bytes'] / 2**20:.1f} MiB in {info['layers'] + 1} shards")
 
     def resolve_device(self) -> str:
         """--device auto without the env step: ask torch in a child."""

@@ -58,7 +58,7 @@ def header(s: dict) -> list[str]:
     if syn:
         out.append(f"Checkpoint: synthetic, d {syn['hidden_size']}, f {syn['intermediate_size']}, {syn['num_attention_heads']}/"
                    f"{syn['num_key_value_heads']} heads, h {syn['head_dim']}, {syn['layers']} layers, vocab {syn['vocab_size']}, "
-                   f"{syn['dtype']} ({syn['layer_bytes'] / GiB:.2f} GiB a layer); calibration {meta.get('nsamples')} × "
+                   f"{syn['dtype']} ({syn['layer_bytes'] / GiB:.3g} GiB a layer); calibration {meta.get('nsamples')} × "
                    f"{meta.get('seqlen')} C4 tokens, compute {meta.get('compute_dtype')}, `--max-gpu-memory {meta.get('max_gpu_memory')}`, "
                    f"chunks of {meta.get('chunk_tokens')} tokens"
                    + (f"; work folder {w.get('path')} on {w.get('fstype')} ({w.get('mount')})" if w else "")
@@ -80,7 +80,7 @@ def layer_tables(s: dict) -> list[str]:
             out.append(f"| {label} | {p['layer']} | {_f(p.get('read_s'), '.3f')} | {_f(p.get('forward_s'), '.3f')} | "
                        f"{_f(p.get('decide_s'), '.3f')} | {_f(p.get('write_s'), '.3f')} | {_f(p.get('wall_s'), '.3f')} | "
                        f"{_f(p.get('gpu_peak_allocated_bytes'), '.2f', GB)} | {_f(p.get('gpu_peak_reserved_bytes'), '.2f', GB)} | "
-                       f"{_f(p.get('rss_bytes'), '.2f', GiB)} | {_f(p.get('bytes_read'), '.2f', GB)} | {_f(p.get('bytes_written'), '.2f', GB)} |")
+                       f"{_f(p.get('rss_bytes'), '.2f', GiB)} | {_f(p.get('bytes_read'), '.3g', GB)} | {_f(p.get('bytes_written'), '.3g', GB)} |")
     out.append("")
     out += ["| method | achieved ratio | median layer s (+ survey) | fixed s | 80 layers extrapolated | ≤ 10 min | peak GPU alloc / reserved GB | ≤ 16 GB | peak RSS GiB | disk write / read GB/s | I/O floor, 80 layers | measured / floor |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
