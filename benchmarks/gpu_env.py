@@ -79,7 +79,7 @@ def cuda_ceilings(torch, device) -> dict:
     ms = median_ms(lambda: a @ b)
     gemm = 2 * n**3 / (ms / 1e3)
     del a, b
-    host = torch.randn(1 << 28)  # 1 GiB
+    host = torch.randn(1 << 28, device=device, generator=gen).cpu()  # 1 GiB, random (CPU randn is one thread: seconds)
     dev = torch.empty(host.shape, device=device)
     pinned = host.pin_memory()
     h2d_pinned = host.numel() * 4 / (median_ms(lambda: dev.copy_(pinned, non_blocking=True), 1, 5) / 1e3)
