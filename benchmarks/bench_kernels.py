@@ -50,12 +50,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-rows", type=int, default=4096, help="row block of the moment kernels")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per kernel (best reported)")
     p.add_argument("--skip-full-svd", action="store_true", help="skip solver='full' (slow on CPU at 70B)")
+    p.add_argument("--svd-repeat", type=int, default=None, help="timed runs per SVD (default --repeat; a full "
+                   "8192² SVD takes seconds, so a time-boxed GPU check uses 1)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     a.d = a.d or (1024 if a.small else 8192)
     a.f = a.f or (3584 if a.small else 28672)
     a.kv_heads = a.kv_heads or (2 if a.small else 8)
     a.tokens = a.tokens or (4096 if a.small else 32768)
+    a.svd_repeat = a.svd_repeat or a.repeat
     return a
 
 
@@ -162,7 +165,7 @@ def bench_svd(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
         norm_a = torch.linalg.norm(A)
         base = None
         for solver in solvers:
-            t, (U, S, Vh) = timeit(lambda: truncated_svd(A, r, solver=solver, seed=a.seed), device, a.repeat)
+            t, (U, S, Vh) = timeit(lambda: truncated_svd(A, r, solver=solver, seed=a.seed), device, a.svd_repeat)
             resid = float(torch.linalg.norm(A - (U * S) @ Vh) / norm_a)
             if base is None and solver == "full":
                 base = (S, resid)
@@ -176,7 +179,7 @@ def bench_svd(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
     # AWSVD end to end (auto solver) at q_proj shape, bf16 weight
     w = spectrum_matrix(d, d, device, gen).to(DTYPES[a.dtype])
     s = torch.logspace(-1, 1, d, device=device)
-    t, _ = timeit(lambda: weighted_svd(w, s, olica_r(d, d), solver="auto", seed=a.seed), device, a.repeat)
+    t, _ = timeit(lambda: weighted_svd(w, s, olica_r(d, d), solver="auto", seed=a.seed), device, a.svd_repeat)
     rows.append(dict(kernel="weighted_svd auto", case="q_proj (Olica 20%)", shape=f"{d}x{d} r{olica_r(d, d)}",
                      ms=t * 1e3))
     return rows
@@ -192,7 +195,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(a.seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"streamprune kernels on {name}, torch {torch.__version__}; tokens {a.tokens}, d {a.d}, f {a.f}, "
-          f"h {a.head_dim}, G {a.kv_heads}, {a.dtype} activations, block_rows {a.block_rows}, best of {a.repeat}")
+          f"h {a.head_dim}, G {a.kv_heads}, {a.dtype} activations, block_rows {a.block_rows}, best of {a.repeat} (SVDs best of {a.svd_repeat})")
     mom = bench_moments(a, device, gen)
     print(f"\n{'kernel':22} {'shape':24} {'ms':>10} {'achieved':>16} {'vs ceiling':>10}  ceiling")
     for r in mom:
@@ -205,7 +208,7 @@ def main() -> None:
               f"{fmt(r.get('sv_err'), '.1e'):>9} {fmt(r.get('excess'), '.1e'):>9}")
     print(json.dumps({"bench": "kernels", "device": name, "torch": torch.__version__,
                       "shapes": {"tokens": a.tokens, "d": a.d, "f": a.f, "h": a.head_dim, "G": a.kv_heads},
-                      "dtype": a.dtype, "moments": mom, "svd": svd}))
+                      "dtype": a.dtype, "repeat": a.repeat, "svd_repeat": a.svd_repeat, "moments": mom, "svd": svd}))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ from streamprune.config import PruneConfig  # noqa: E402
 from streamprune.methods import available  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
+# profile.jsonl fields copied into the JSON line, one dict per layer (gpu_summary.py renders them)
+PER_LAYER_KEYS = ("layer", "read_s", "forward_s", "decide_s", "write_s", "wall_s", "gpu_peak_allocated_bytes",
+                  "gpu_peak_reserved_bytes", "rss_bytes", "peak_rss_bytes", "bytes_read", "bytes_written")
 BLOCK = 16 * MiB
 
 
@@ -76,6 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--extrapolate-layers", type=int, default=80)
     p.add_argument("--bw-mib", type=int, default=512, help="size of the bandwidth test file (default 512 MiB)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-fallback", action="store_true", help="fail (exit 2) when --method is not registered "
+                   "instead of falling back to magnitude")
     return p.parse_args()
 
 
@@ -179,6 +184,9 @@ def fmt_bytes(n, unit=GiB, spec=".2f") -> str:
 def main() -> None:
     a = parse_args()
     method = a.method if a.method in available() else "magnitude"
+    if method != a.method and a.no_fallback:
+        raise SystemExit(f"bench_layers: error: method {a.method!r} is not registered ({', '.join(available())}); "
+                         "install the branch that adds it, or drop it from --method")
     if method != a.method:
         print(f"method {a.method!r} is not registered ({', '.join(available())}); using magnitude")
     if a.work is not None:
@@ -253,6 +261,9 @@ def main() -> None:
         "disk_write_bps": round(bw["write_bps"]), "evict_suspect": bw["evict_suspect"],
         "io_floor_s": round(io_floor_s, 3), "io_floor_ratio": round(ratio, 4),
         "peak_rss_bytes": peak_rss, "gpu_peak_allocated_bytes": gpu_alloc, "gpu_peak_reserved_bytes": gpu_resv,
+        "achieved_ratio": report["achieved_ratio"], "source": str(source), "shard_bytes": shard_sizes,
+        "gpu_name": torch.cuda.get_device_name(report["device"]) if report["device"].startswith("cuda") else None,
+        "per_layer": [{k: r[k] for k in PER_LAYER_KEYS if k in r} for r in prof],
     }, sort_keys=True))
 
 

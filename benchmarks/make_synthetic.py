@@ -100,19 +100,23 @@ def outer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, gen_device: str = "cpu") -> torch.Tensor:
     """Norm vectors are ones; matrices N(0, 1/in) from a generator seeded by (seed, name),
-    filled in row blocks so the fp32 scratch stays small whatever the target dtype."""
+    filled in row blocks so the fp32 scratch stays small whatever the target dtype.
+
+    ``gen_device="cuda"`` draws the blocks on the GPU (CPU ``randn`` is one thread: ~1 min
+    for four 70B layers) and copies them to the host; other numbers than on the CPU, but
+    the same on every run and whatever the depth."""
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
     rows, cols = shape
     out = torch.empty(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    gen = torch.Generator(device=gen_device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
     step = max(1, BLOCK_ELEMENTS // cols)
     std = 1.0 / math.sqrt(cols)
     for r in range(0, rows, step):
-        block = torch.randn(min(step, rows - r), cols, generator=gen)  # (rows', in) fp32
-        out[r : r + block.shape[0]] = block.mul_(std)
+        block = torch.randn(min(step, rows - r), cols, generator=gen, device=gen_device)  # (rows', in) fp32
+        out[r : r + block.shape[0]] = block.mul_(std).to(dtype).cpu()
     return out
 
 
@@ -142,7 +146,7 @@ def write_config(folder: Path, cfg: dict, dtype: torch.dtype, eos_id: int) -> No
 
 
 def write_checkpoint(folder: str | Path, cfg: dict, layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     tokenizer_vocab: int = 512, log=print) -> dict:
+                     tokenizer_vocab: int = 512, log=print, gen_device: str = "cpu") -> dict:
     """Write the checkpoint into ``folder`` one shard at a time; returns a summary dict."""
     t0 = time.perf_counter()
     folder = Path(folder)
@@ -166,12 +170,12 @@ def write_checkpoint(folder: str | Path, cfg: dict, layers: int, dtype: torch.dt
             weight_map[name] = shard(k)
             total += t.numel() * t.element_size()
 
-    outer = {name: random_tensor(name, s, dtype, seed) for name, s in outer_shapes(cfg).items()}
+    outer = {name: random_tensor(name, s, dtype, seed, gen_device) for name, s in outer_shapes(cfg).items()}
     write(0, outer)
     del outer
     for i in range(layers):
         prefix = f"model.layers.{i}."
-        tensors = {prefix + n: random_tensor(prefix + n, s, dtype, seed) for n, s in layer_shapes(cfg).items()}
+        tensors = {prefix + n: random_tensor(prefix + n, s, dtype, seed, gen_device) for n, s in layer_shapes(cfg).items()}
         write(i + 1, tensors)
         del tensors
         log(f"  layer {i + 1}/{layers} written ({(folder / shard(i + 1)).stat().st_size / 2**20:.1f} MiB)")
@@ -191,6 +195,7 @@ def write_checkpoint(folder: str | Path, cfg: dict, layers: int, dtype: torch.dt
         "dtype": str(dtype).removeprefix("torch."),
         "layer_bytes": layer_bytes,
         "total_bytes": total,
+        "gen_device": gen_device,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -221,15 +226,21 @@ def config_from_args(a: argparse.Namespace) -> dict:
                         tie_word_embeddings=a.tie, rope_theta=a.rope_theta, max_position_embeddings=a.max_position)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
+    p.add_argument("--gen-device", default="cpu", help="device that draws the random weights (cuda: much faster "
+                   "for 70B shapes; other numbers than cpu)")
     add_shape_args(p)
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     cfg = config_from_args(a)
     print(f"writing {a.config} shapes (d {cfg['hidden_size']}, f {cfg['intermediate_size']}, H {cfg['num_attention_heads']}, "
           f"G {cfg['num_key_value_heads']}, h {cfg['head_dim']}, vocab {cfg['vocab_size']}) x {a.layers} layers to {a.out}")
-    summary = write_checkpoint(a.out, cfg, a.layers, DTYPES[a.dtype], a.seed, a.tokenizer_vocab)
+    summary = write_checkpoint(a.out, cfg, a.layers, DTYPES[a.dtype], a.seed, a.tokenizer_vocab, gen_device=a.gen_device)
     print(f"{summary['total_bytes'] / 2**20:.1f} MiB in {a.layers + 1} shards, {summary['seconds']} s")
     print(json.dumps({"config": a.config, **summary}, sort_keys=True))
 

@@ -7,8 +7,10 @@ process per depth and is marked slow, ~30 s: ``-m 'not slow'`` skips it).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,143 @@ def test_prune_cost_prunes_in_fresh_processes_and_reproduces_outputs_byte_for_by
     for r in first + again:
         assert abs(r["achieved_ratio"] - 0.1) <= 0.01 and r["peak_rss_bytes"] > 0 and r["process_wall_s"] >= r["prune_wall_s"] > 0
     assert len((tmp_path / "cost.jsonl").read_text().splitlines()) == 4
+
+
+# ---- gpu_check.sh (issue 15): its CPU --small form, so the prepared GPU check cannot rot ---------
+def test_gpu_check_small_runs_every_step_and_writes_at_most_8_files(tmp_path):
+    """The whole check in its small form, as a device session would run it (install skipped:
+    this checkout is installed). A method that is not registered is skipped, never replaced."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--small", "--budget-s", "1200", "--methods", "olica nosuch", "--out", str(out),
+                           "--work", str(work), "--tests", "tests/test_engine.py -k 'streamed_equals_in_memory and llama'"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["env.json", "gpu_check.log", "gpu_section.md", "kernels.json", "layers.json", "summary.json", "tests.json"]
+    s = json.loads((out / "summary.json").read_text())
+    status = {k: v["status"] for k, v in s["steps"].items()}
+    assert status == {"install": "skipped", "env": "ok", "synthetic": "ok", "layers:olica": "ok", "layers:nosuch": "skipped",
+                      "tests": "ok", "kernels": "ok"}
+    assert "not registered" in s["steps"]["layers:nosuch"]["note"]
+    (run,) = s["layers"]
+    assert run["method"] == "olica" and run["status"] == "ok" and abs(run["achieved_ratio"] - 0.2) < 0.01
+    assert [p["layer"] for p in run["per_layer"]] == [0, 1, 2, 3]
+    assert all(p["read_s"] >= 0 and p["forward_s"] > 0 and p["decide_s"] > 0 and p["write_s"] > 0 for p in run["per_layer"])
+    assert run["max_gpu_memory"] == "24GiB" and run["dtype"] == "torch.bfloat16" and (run["nsamples"], run["seqlen"]) == (16, 64)
+    assert run["evicted_source_bytes"] > s["synthetic"]["total_bytes"]  # every shard (payload + headers)
+    assert s["tests"]["counts"] == {"passed": 1} and s["tests"]["device_fixture_tests"] == 1
+    assert s["kernels"]["moments"] and s["kernels"]["svd"]
+    assert s["env"]["streamprune"]["methods"] and "olica" in s["env"]["streamprune"]["methods"]
+    # the markdown is what gpu_summary renders from summary.json, and it was printed last
+    md = (out / "gpu_section.md").read_text()
+    assert md == _gpu_summary().render(s) and md.strip() in proc.stdout
+    assert "| olica 0.2 | 0 |" in md and "small (CI) shapes" in md
+    assert not (work / "model").exists() and not (work / "bench").exists()  # work folder cleaned up
+
+
+def _gpu_summary():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_summary
+
+        return gpu_summary
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_gpu_summary_checks_the_goals_and_marks_a_killed_run():
+    gs = _gpu_summary()
+    layer = {"layer": 0, "read_s": 1.0, "forward_s": 2.0, "decide_s": 3.0, "write_s": 0.5, "wall_s": 6.5,
+             "gpu_peak_allocated_bytes": 12e9, "gpu_peak_reserved_bytes": 17e9, "rss_bytes": 8 * 2**30, "bytes_read": 3e9, "bytes_written": 2e9}
+    ok = {"method": "olica", "ratio": 0.2, "status": "ok", "achieved_ratio": 0.2001, "median_s": {"wall": 6.5}, "survey_per_layer_s": 0.5,
+          "fixed_s": 20.0, "extrapolated_s": 580.0, "gpu_peak_allocated_bytes": 12e9, "gpu_peak_reserved_bytes": 17e9,
+          "peak_rss_bytes": 9 * 2**30, "disk_write_bps": 2e9, "disk_read_bps": 4e9, "io_floor_s": 145.0, "evict_suspect": False,
+          "per_layer": [layer]}
+    killed = {"method": "cascade", "status": "timeout", "per_layer": [layer, {**layer, "layer": 1, "wall_s": 8.5}]}
+    md = gs.render({"meta": {"started_utc": "2026-12-01 10:00:00 UTC", "small": False}, "layers": [ok, killed],
+                    "steps": {"layers:olica": {"status": "ok", "seconds": 60.0}}})
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| olica 0.2 | 0.2001")}
+    (row,) = rows.values()
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[4] == "580 s = 9.7 min" and cells[5] == "yes"  # <= 10 min
+    assert cells[6] == "12.00 / 17.00" and cells[7] == "**NO**"  # reserved 17 GB > 16 GB
+    assert cells[11] == "4.0×"  # 580 s measured / 145 s floor
+    assert "| cascade | **timeout** | 7.50 (partial) |" in md
+    assert "| cascade (timeout) | 1 |" in md
+
+
+def test_gpu_check_kills_a_child_past_its_limit(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    check = gpu_check.Check(gpu_check.parse_args(["--small", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]))
+    t0 = time.monotonic()
+    rc, lines, secs = check.run("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(300)"], cap=10)
+    assert rc is None and lines == ["started"] and 10 <= secs < 60 and time.monotonic() - t0 < 60
+    check.log.close()
+    assert "sleeper: over its 10 s limit; killing pid" in (tmp_path / "o" / "gpu_check.log").read_text()
+
+
+def test_gpu_check_full_mode_builds_commands_the_scripts_accept(tmp_path, monkeypatch):
+    """The 70B-shaped branch cannot run in CI: replay it with a fake child runner on a
+    pretend CUDA machine and parse every command with the script's own argument parser."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_kernels
+        import bench_layers
+        import gpu_check
+        import make_synthetic
+    finally:
+        sys.path.remove(str(BENCH))
+    work = tmp_path / "w"
+    check = gpu_check.Check(gpu_check.parse_args(["--methods", "olica,lorap", "--out", str(tmp_path / "o"), "--work", str(work),
+                                                  "--install", "never"]))
+    env = {"cuda_available": True, "device_name": "NVIDIA H200", "streamprune": {"methods": ["lorap", "magnitude", "olica"]}}
+    synthetic = {"folder": str(work / "model"), "layers": 4, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 4096, "dtype": "bfloat16", "layer_bytes": 1, "total_bytes": 1}
+    calls = []
+
+    def fake_run(name, cmd, cap, env_vars=None):
+        calls.append((name, cmd))
+        if name == "env":
+            return 0, [json.dumps(env)], 1.0
+        if name == "synthetic":
+            (work / "model").mkdir(parents=True)
+            return 0, [json.dumps(synthetic)], 1.0
+        return 1, ["not run"], 1.0
+
+    monkeypatch.setattr(check, "run", fake_run)
+    for step in gpu_check.STEPS:
+        getattr(check, f"step_{step}")()
+    check.log.close()
+    by_name = dict(calls)
+    assert [n for n, _ in calls] == ["env", "synthetic", "layers:olica", "layers:lorap", "tests", "kernels"]
+    syn = make_synthetic.build_parser().parse_args(by_name["synthetic"][2:])
+    assert (syn.config, syn.layers, syn.vocab, syn.gen_device) == ("llama-2-70b", 4, 4096, "cuda")
+    monkeypatch.setattr(sys, "argv", by_name["layers:olica"][1:])
+    lay = bench_layers.parse_args()
+    assert (lay.method, lay.ratio, lay.device, lay.compute_dtype, lay.max_gpu_memory) == ("olica", 0.2, "cuda", "bfloat16", "24GiB")
+    assert (lay.nsamples, lay.seqlen, lay.chunk_tokens, lay.bw_mib, lay.no_fallback, lay.model) == (256, 128, 16384, 2048, True, work / "model")
+    monkeypatch.setattr(sys, "argv", by_name["kernels"][1:])
+    ker = bench_kernels.parse_args()
+    assert (ker.device, ker.small, ker.d, ker.f, ker.repeat, ker.svd_repeat) == ("cuda", False, 8192, 28672, 5, 1)
+    tests = by_name["tests"]
+    assert tests[tests.index("--device") + 1] == "cuda" and "not slow" in tests
+    assert all(f in tests for f in gpu_check.TEST_FILES) and all((BENCH.parent / f).exists() for f in gpu_check.TEST_FILES)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_the_70b_check_without_cuda(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--steps", "synthetic,layers", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
+    assert e.value.code == 2
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["steps"] == {"device": {"status": "failed", "seconds": 0.0, "note": "no CUDA device; use --small"}}
+    assert not (tmp_path / "w" / "model").exists()
