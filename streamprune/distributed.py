@@ -38,6 +38,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -329,7 +330,9 @@ def joined(device: str) -> Iterator[tuple[Ranks, str]]:
     cpu = not device.startswith("cuda")
     if not cpu and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} requested but CUDA is not available (torch {torch.__version__}); use --device cpu")
-    state = PartialState(cpu=cpu)
+    # Rank 0 alone verifies committed layers on resume and writes the output while the others
+    # wait: allow an hour (NCCL's default is 10 minutes). A dead rank is torchrun's to reap.
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=1))
     if device == "cuda":
         device = str(state.device)  # cuda:LOCAL_RANK, already made current by PartialState
     yield current(), device
