@@ -10,8 +10,12 @@ machine's speed drifts), ``python -m streamprune prune`` and ``torchrun --nproc-
 -m streamprune prune``, each with ``OMP_NUM_THREADS=--threads`` per process and
 ``--fresh``. From each run's ``profile.jsonl`` (rank 0's; rank 0 waits for the slowest
 rank at every collective, so its layer time is the job's) it takes the median per-layer
-wall time and its split (read / forward / sync / decide / write), and the whole command's
-wall time (process start-up, survey and boundary 0 included).
+wall time and its split (read / forward / sync / decide / write), rank 0's CPU seconds per
+layer, and the whole command's wall time (process start-up, survey and boundary 0 included).
+
+On a machine shared with other jobs the wall-time speed-up is capped by the idle cores, so
+the CPU seconds are printed too: ``cpu_s`` of 1 rank / ``cpu_s`` of rank 0 of N is the
+share of a layer's work each rank does (ideal N; the ranks' shards are balanced).
 
 Prints a table, the per-pair speed-ups and their median, then one JSON line last.
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_synthetic  # noqa: E402  (a sibling script)
 
-PHASES = ("read_s", "forward_s", "sync_s", "decide_s", "write_s")
+PHASES = ("read_s", "forward_s", "sync_s", "decide_s", "write_s", "cpu_s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,15 +113,16 @@ def main() -> None:
     layer_x = statistics.median(o["layer_s"] / m["layer_s"] for o, m in pairs)
     engine_x = statistics.median(o["engine_s"] / m["engine_s"] for o, m in pairs)
     command_x = statistics.median(o["command_s"] / m["command_s"] for o, m in pairs)
+    cpu_x = statistics.median(o["cpu_s"] / m["cpu_s"] for o, m in pairs)
     print(f"speed-up (median of per-pair ratios): per layer x{layer_x:.2f}, engine x{engine_x:.2f}, whole command x{command_x:.2f} "
-          f"(ideal x{a.nproc})")
+          f"(ideal x{a.nproc}); CPU seconds per layer, 1 rank / rank 0 of {a.nproc}: x{cpu_x:.2f}")
     print(f"read per layer by rank 0 (its layer weights, {layer_bytes / 2**20:.1f} MiB on disk, + its activation shard): "
           f"{median(0, 'bytes_read') / 2**20:.1f} MiB with 1 rank, {median(1, 'bytes_read') / 2**20:.1f} MiB with {a.nproc}; "
           f"each rank reads the layer's weights (the page cache serves all but the first)")
     print(json.dumps({"bench": "distributed", "config": a.config, "layers": a.layers, "method": a.method, "nproc": a.nproc,
                       "threads": a.threads, "device": a.device, "nsamples": a.nsamples, "seqlen": a.seqlen,
                       "layer_s_1": median(0, "layer_s"), f"layer_s_{a.nproc}": median(1, "layer_s"),
-                      "speedup_layer": round(layer_x, 3), "speedup_engine": round(engine_x, 3), "speedup_command": round(command_x, 3), "layer_file_bytes": layer_bytes,
+                      "speedup_layer": round(layer_x, 3), "speedup_engine": round(engine_x, 3), "speedup_command": round(command_x, 3), "cpu_split": round(cpu_x, 3), "layer_file_bytes": layer_bytes,
                       "pairs": pairs}, sort_keys=True))
 
 

@@ -166,28 +166,23 @@ class Ranks:
         it succeeded."""
         if not self.distributed:
             return fn()
-        result, message = None, ""
+        result, err = None, None
         if self.is_main:
             try:
                 result = fn()
             except StreamPruneError as e:
-                message = str(e)
                 err = e
-        size = self.max_int(len(message.encode()))
+        raw = b"" if err is None else str(err).encode()
+        size = self.max_int(0 if err is None else len(raw) + 1)  # 0: success; else 1 + message bytes
         if size:
+            data = torch.zeros(size, dtype=torch.uint8, device=self.comm_device)
+            if self.is_main and raw:
+                data[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.comm_device)
+            self.broadcast_([data])
             if self.is_main:
-                self._broadcast_text(message, size)
                 raise err
-            raise FollowerError(self._broadcast_text("", size))
+            raise FollowerError(bytes(data[: size - 1].cpu().tolist()).decode())
         return result
-
-    def _broadcast_text(self, text: str, size: int) -> str:
-        data = torch.zeros(size, dtype=torch.uint8, device=self.comm_device)
-        raw = text.encode()
-        if raw:
-            data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-        self.broadcast_([data])
-        return bytes(data.cpu().tolist()).decode()
 
     # ---- observers and decisions ----------------------------------------------------------------
     def reduce_observer(self, observer) -> None:

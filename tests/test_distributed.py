@@ -157,7 +157,7 @@ def test_kill_rank0_refuses_other_world_size_then_resumes_identical(runs, tiny_l
 # ---- the collectives themselves, on real observers (torch.multiprocessing, gloo) --------------
 
 
-def _units(rank: int, world: int, init: str) -> None:
+def _units(rank: int, world: int, init: str, source: str, out: str) -> None:
     import torch.distributed as dist
 
     from streamprune import distributed as D
@@ -228,10 +228,17 @@ def _units(rank: int, world: int, init: str) -> None:
         raise AssertionError("1 row split over 2 ranks")
     except ConfigError as e:
         assert "--nsamples" in str(e)
+
+    # the Python API inside an initialised process group: the same job as under torchrun
+    report = prune(PruneConfig(source=source, out=out, method="olica", ratio=RATIO, calib="c4", nsamples=NSAMPLES,
+                               seqlen=SEQLEN, chunk_tokens=CHUNK_TOKENS, progress=False))
+    assert report["world_size"] == 2 and report["out"] == out
     dist.destroy_process_group()
 
 
-def test_collectives_on_real_observers(tmp_path):
+def test_collectives_and_python_api_in_an_initialised_group(runs, tiny_llama, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_units, args=(2, f"file://{tmp_path / 'pg'}"), nprocs=2, join=True)
+    out = tmp_path / "out"
+    mp.spawn(_units, args=(2, f"file://{tmp_path / 'pg'}", str(tiny_llama), str(out)), nprocs=2, join=True)
+    assert digests(out) == digests(runs["olica"][1])  # bytes equal to the torchrun job's
