@@ -1,8 +1,8 @@
 """Data parallelism under torchrun: 2 CPU ranks (gloo) against the 1-process run, kill a rank
 and resume, world-size change refused, streamed eval split the same way.
 
-Run: ``.venv/bin/pytest tests/test_distributed.py -q`` (about 3 min on 2 busy cores: every
-torchrun job starts two Python processes).
+Run: ``.venv/bin/pytest tests/test_distributed.py -q`` (4.5 min on the 2-core machine at load
+average 7; every torchrun job starts two Python processes, the 1-process runs are in-process).
 
 Bounds. The ranks' moments are the 1-process moments with the fp32 additions in another
 order, so they agree to fp32 summation rounding (unit test: max |Δ| ≤ 1e-5 · max |ref| for
