@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -113,6 +114,8 @@ class Moments:
     want_cross: bool = True
     want_gram: bool = True
     block_rows: int = DEFAULT_BLOCK_ROWS
+    # Sums over rows (all-reduced across ranks by streamprune.distributed); the rest is config.
+    summed: ClassVar[tuple[str, ...]] = ("n", "sx", "sxx_diag", "xtx", "sy", "syy_diag", "xty")
     n: int = field(default=0, init=False)
     sx: Tensor = field(init=False, repr=False)
     sxx_diag: Tensor = field(init=False, repr=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,15 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print the state of a run directory (works on a crashed run)")
     p.add_argument("work_dir", type=Path)
     args = parser.parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the result
     try:
         result = _run(args)
     except StreamPruneError as e:
-        print(f"streamprune: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # quiet: another rank printed the reason
+            print(f"streamprune: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:  # a second Ctrl-C: immediate stop; committed layers still count
         print("streamprune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(json.dumps(result, sort_keys=True))
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun job joined a process group: leave it
+            from .distributed import leave
+
+            leave()
+    if main_rank:
+        print(json.dumps(result, sort_keys=True))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,7 @@ from .adapters import load_tokenizer, open_model
 from .checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
+from .distributed import Ranks, SharedStop, joined
 from .errors import ConfigError, NumericalError, StreamPruneError
 from .faults import crash_point
 from .interrupts import graceful_stop
@@ -33,8 +35,8 @@ from .stream import embed_to_boundary, observe, position_embeddings, propagate
 from .textdata import calibration_windows, resolve_text_source
 
 
-def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int) -> dict:
-    return {
+def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int, world_size: int = 1) -> dict:
+    fp = {
         "source": adapter.reader.fingerprint(),
         "method": method.config_dict(),
         "calibration": {"source": cfg.calib, "sha256": calib_digest, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
@@ -43,6 +45,9 @@ def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dt
         "chunk_rows": chunk_rows,
         "version": __version__,
     }
+    if world_size > 1:  # the calibration split (so the sums' rounding and each rank's cache) depend on it
+        fp["world_size"] = world_size
+    return fp
 
 
 def plan(cfg: PruneConfig):
@@ -57,7 +62,7 @@ def plan(cfg: PruneConfig):
 
 
 @torch.no_grad()
-def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool) -> list[dict]:
+def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks = Ranks()) -> list[dict]:
     """Dense model over dense hidden states; per-layer results from the method."""
     results = []
     with read_ahead(adapter, 0, device, dtype) as ahead:
@@ -66,6 +71,7 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
             layer = adapter.build_layer(i, weights, device, dtype)
             obs = method.survey_observer(i, weights)
             propagate(layer, cache, i, pe, device, observer=obs)
+            ranks.reduce_observer(obs)
             cache.drop(i)
             results.append(method.survey_result(i, obs))
     return results
@@ -106,13 +112,23 @@ def check_finite(layer: int, decision) -> None:
 def prune(cfg: PruneConfig) -> dict:
     """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
 
-    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``)."""
-    with graceful_stop() as stop:
-        return _prune(cfg, stop)
+    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``). Under
+    torchrun (or in an initialised process group) the calibration is split across the
+    ranks: see :mod:`streamprune.distributed`."""
+    with joined(cfg.device) as (ranks, device), graceful_stop() as stop:
+        if ranks.distributed:
+            cfg = replace(cfg, device=device, progress=cfg.progress and ranks.is_main)
+        return _prune(cfg, SharedStop(stop, ranks), ranks)
+
+
+def _open_run(run: RunDir, fp: dict, fresh: bool, job: dict) -> list[dict]:
+    records = run.open(fp, fresh=fresh, job=job)
+    run.verify(records)
+    return records
 
 
 @torch.no_grad()
-def _prune(cfg: PruneConfig, stop) -> dict:
+def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -125,7 +141,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     tokenizer = load_tokenizer(cfg.source)
     source = resolve_text_source(cfg.calib)
     run = RunDir(cfg.run_dir)
-    fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype, chunk_rows)
+    fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype, chunk_rows, ranks.world_size)
     done = writer.finished_report(cfg.out, digest(fp))
     if done is not None and not cfg.fresh:
         return {**done, "out": str(cfg.out), "already_complete": True}
@@ -136,10 +152,10 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     preflight.cap_gpu(device, gpu_budget)
 
     job = {"source": str(cfg.source), "out": str(cfg.out), "num_layers": shapes.num_layers, "method": cfg.method}
-    records = run.open(fp, fresh=cfg.fresh, job=job)
-    run.verify(records)
+    records = ranks.on_main(lambda: _open_run(run, fp, cfg.fresh, job))  # rank 0 alone writes the run dir
+    records = records if ranks.is_main else run.records()
     committed = run.committed_layers(records)
-    cache = ActivationCache(run.acts)
+    cache = ActivationCache(ranks.acts_dir(run.acts))
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
@@ -149,24 +165,25 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     if method.needs_survey:
         survey = run.load_survey(records, shapes.num_layers)
         if survey is None:
-            tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
-            survey_cache = ActivationCache(run.acts / "survey")
+            tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
+            survey_cache = ActivationCache(cache.root / "survey")
             with disk_errors("the survey activations", run):
                 embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
-                survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress)
+                survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks)
             survey_cache.clear()
             with disk_errors("the survey results", run):
-                run.save_survey(survey)
+                if ranks.is_main:
+                    run.save_survey(survey)
         method.plan(shapes, survey=survey)
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
     start = max(committed) + 1 if committed else 0
     if start == 0 and not cache.is_complete(0):
-        tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)
+        tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
         with disk_errors("the calibration activations", run):
             embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
-    if start < shapes.num_layers and not cache.is_complete(start):
-        raise StreamPruneError(f"activation boundary {start} is missing from {run.acts}; rerun with --fresh")
+    if not ranks.all_true(start == shapes.num_layers or cache.is_complete(start)):
+        raise StreamPruneError(f"activation boundary {start} is missing from {cache.root}; rerun with --fresh")
     out_specs = [None] * shapes.num_layers
     for i, rec in committed.items():
         out_specs[i] = LayerSpec.from_dict(rec["spec"])
@@ -187,6 +204,8 @@ def _prune(cfg: PruneConfig, stop) -> dict:
                 obs = method.observer(i, "A", weights)
                 observe(dense, cache, i, pe, obs, device)
                 crash_point(f"observe:{i}")
+            with prof.phase("sync"):  # sums over all ranks' shards (no-op in one process)
+                ranks.reduce_observer(obs)
             with prof.phase("decide"):
                 decision = method.decide(i, weights, obs)
             if method.needs_pass_b:
@@ -195,6 +214,8 @@ def _prune(cfg: PruneConfig, stop) -> dict:
                     if obs_b is not None:
                         staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
                         observe(staged, cache, i, pe, obs_b, device)
+                with prof.phase("sync"):
+                    ranks.reduce_observer(obs_b)
                 with prof.phase("decide"):
                     decision = method.refine(i, decision, obs_b)
             if method.needs_reconstruction:
@@ -205,30 +226,38 @@ def _prune(cfg: PruneConfig, stop) -> dict:
                     crash_point(f"reconstructed:{i}")
             decision.validate(i)
             check_finite(i, decision)
+            with prof.phase("sync"):  # every rank decided alone from the same sums: check they agree
+                ranks.agree_decision(i, decision)
             with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
                 pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
                 propagate(pruned, cache, i, pe, device)
             with prof.phase("write"), disk_errors(f"layer {i}", run):
-                fname, out_bytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
-                crash_point(f"written:{i}")
-                run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
+                out_bytes = 0
+                ranks.barrier()  # every rank's boundary i+1 is durable before layer i is committed
+                if ranks.is_main:
+                    fname, out_bytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
+                    crash_point(f"written:{i}")
+                    run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
                 crash_point(f"committed:{i}")
+                ranks.barrier()  # the commit is durable before any rank drops its boundary i
                 cache.drop(i)
             out_specs[i] = decision.spec
             del weights, dense, pruned, decision
             done_s.append(time.perf_counter() - prof.start)
             eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
             rec = prof.record(bytes_read=weight_bytes + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + out_bytes, eta_s=round(eta, 1))
-            append_line(run.profile_path, rec)
+            if ranks.is_main:
+                append_line(run.profile_path, rec)
             bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
             stop.check(f"after committing layer {i}")
     bar.close()
 
-    # ---- finalize ------------------------------------------------------------------------
-    with disk_errors("the output folder", run):
-        writer.save_outer(run.staging, outer, storage_dtype)
-        layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
-        writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype)
+    # ---- finalize (rank 0) ----------------------------------------------------------------
+    if ranks.is_main:
+        with disk_errors("the output folder", run):
+            writer.save_outer(run.staging, outer, storage_dtype)
+            layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
+            writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype)
     report = {
         "method": method.config_dict(),
         "requested_ratio": cfg.ratio,
@@ -247,12 +276,16 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     timing = {"wall_s": round(time.perf_counter() - t_start, 2), "peak_rss_bytes": peak_rss_bytes(), "resumed_from_layer": start, "startup_s": round(startup_s, 2), "forecast": fc.as_dict()}
     if device.type == "cuda":
         timing["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    if ranks.distributed:
+        timing["world_size"] = ranks.world_size
     # The report's "run" block (time, peaks) is the only part of the output that may
     # differ between an uninterrupted and a resumed run; every other byte is identical.
-    with disk_errors("the output folder", run):
-        atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
-    crash_point("finalize")
-    writer.publish(run.staging, cfg.out)
+    if ranks.is_main:
+        with disk_errors("the output folder", run):
+            atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
+        crash_point("finalize")
+        writer.publish(run.staging, cfg.out)
     if not cfg.keep_work:
         cache.clear()
+    ranks.finished(run.acts, keep=cfg.keep_work)
     return {**report, **timing, "out": str(cfg.out)}

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .activations import ActivationCache
 from .adapters import load_tokenizer, open_model
 from .config import resolve_device, resolve_dtype
+from .distributed import Ranks, joined
 from .errors import ConfigError
 from .interrupts import sigterm_raises
 from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
@@ -86,9 +87,18 @@ def sweep_stale_eval_dirs(root: Path) -> list[Path]:
     return removed
 
 
-@torch.no_grad()
 def perplexity(cfg: EvalConfig) -> dict:
-    """Streamed perplexity of the model folder ``cfg.model``."""
+    """Streamed perplexity of the model folder ``cfg.model``. Under torchrun (or in an
+    initialised process group) each rank streams a contiguous shard of the windows and the
+    NLL sums are all-reduced: every rank returns the same result."""
+    with joined(cfg.device) as (ranks, device):
+        if ranks.distributed:
+            cfg = replace(cfg, device=device, progress=cfg.progress and ranks.is_main)
+        return _perplexity(cfg, ranks)
+
+
+@torch.no_grad()
+def _perplexity(cfg: EvalConfig, ranks: Ranks) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -96,6 +106,7 @@ def perplexity(cfg: EvalConfig) -> dict:
     if cfg.seqlen > adapter.shapes().max_position_embeddings:
         raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {adapter.shapes().max_position_embeddings}")
     tokens = _windows(cfg.model, cfg)
+    mine = tokens[ranks.shard(tokens.shape[0], "evaluation windows", "--max-windows (or lower --seqlen)")]
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
     head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
@@ -110,14 +121,16 @@ def perplexity(cfg: EvalConfig) -> dict:
     with sigterm_raises("evaluation"), tempfile.TemporaryDirectory(prefix=EVAL_DIR_PREFIX, dir=root) as tmp:
         (Path(tmp) / "pid").write_text(str(os.getpid()))
         cache = ActivationCache(Path(tmp))
-        embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
+        embed_to_boundary(cache, mine, embed, chunk_rows, dtype)
         for i in tqdm(range(adapter.num_layers), desc="eval", disable=not cfg.progress):
             layer = adapter.build_layer(i, adapter.read_layer(i), device, dtype)
             propagate(layer, cache, i, pe, device)
             cache.drop(i)
             del layer
-        nll, count = token_nll(cache, adapter.num_layers, tokens, norm, head, device)
-    return _result(cfg, tokens, nll, count, t0, "streamed")
+        nll, count = token_nll(cache, adapter.num_layers, mine, norm, head, device)
+    nll, count = ranks.sum_floats(nll, count)  # the same sum on every rank, deterministic for a given world size
+    result = _result(cfg, tokens, nll, int(count), t0, "streamed")
+    return {**result, "world_size": ranks.world_size} if ranks.distributed else result
 
 
 @torch.no_grad()

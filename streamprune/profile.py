@@ -49,6 +49,7 @@ class LayerProfile:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()  # this process's CPU seconds, all threads
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -66,6 +67,7 @@ class LayerProfile:
         rec = {
             "layer": self.layer,
             "wall_s": round(time.perf_counter() - self.start, 4),
+            "cpu_s": round(time.process_time() - self.cpu_start, 4),
             **{f"{k}_s": round(v, 4) for k, v in self.seconds.items()},
             "rss_bytes": rss_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),

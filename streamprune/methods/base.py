@@ -44,6 +44,10 @@ from ..spec import LayerSpec
 
 class Observer(Protocol):
     taps: frozenset[str]
+    # Names of the attributes that are sums over tokens (tensors, ints, floats, dicts of
+    # them, or objects declaring ``summed`` such as ``Moments``): under torchrun they are
+    # all-reduced across ranks after each pass (``streamprune.distributed``).
+    summed: tuple[str, ...]
 
     def update(self, tap: str, x_in: torch.Tensor, y_out: torch.Tensor) -> None: ...
 

@@ -215,6 +215,7 @@ class _EnergyObserver:
     """Pass A on the dense layer: fp32 input energies of q/k/v (shared), o, gate/up (shared), down."""
 
     taps = frozenset({"q_proj", "o_proj", "gate_proj", "down_proj"})
+    summed = ("e",)  # sums over tokens (all-reduced across ranks)
 
     def __init__(self) -> None:
         self.e: dict[str, Tensor] = {}  # tap -> (in,) fp32 Σx²

@@ -28,6 +28,7 @@ class SurveyObserver:
     """Dense model: moments of (MLP input, MLP output) and the o_proj output energy."""
 
     taps = frozenset({"mlp", "o_proj"})
+    summed = ("mlp", "eo")  # sums over tokens (all-reduced across ranks)
 
     def __init__(self, d: int):
         self.d = d
@@ -52,6 +53,7 @@ class PassAObserver:
     """
 
     taps = frozenset({"v_proj", "o_proj", "gate_proj", "down_proj"})
+    summed = ("e", "o_grams")
 
     def __init__(self, num_heads: int, head_dim: int):
         self.H, self.h = num_heads, head_dim
@@ -79,6 +81,7 @@ class LCObserver:
     """
 
     taps = frozenset({"down_proj", "mlp"})
+    summed = ("moments",)  # pruned / down_pruned are inputs; _x / _e are per-chunk scratch
 
     def __init__(self, d: int, pruned: Tensor, down_pruned: Tensor):
         self.pruned, self.down_pruned = pruned, down_pruned  # (p,) channel indices, (d, p)

@@ -34,6 +34,7 @@ class SurveyObserver:
     """Σ over tokens of cos(layer output, layer input), float64."""
 
     taps = frozenset({"layer"})
+    summed = ("total", "n")  # sums over tokens (all-reduced across ranks)
 
     def __init__(self) -> None:
         self.total, self.n = 0.0, 0
@@ -49,6 +50,7 @@ class HeadObserver:
     """Pass A: ``M`` (d, H, H) and ``S`` (H, d) of ``T_i = A_i Wo_iᵀ``, fp32, a row block at a time."""
 
     taps = frozenset({"o_proj"})
+    summed = ("M", "S", "n")  # wo (weights), H, h, rows are inputs
 
     def __init__(self, wo: Tensor, num_heads: int, head_dim: int):
         d = wo.shape[0]
@@ -77,6 +79,7 @@ class FFNObserver:
     """Pass B (attention already pruned): H moments with Gram, MLP-input energy, y moments."""
 
     taps = frozenset({"mlp", "down_proj"})
+    summed = ("h", "y", "ex")
 
     def __init__(self) -> None:
         self.h: Moments | None = None  # down_proj input H: n, sx = ΣH, sxx_diag, xtx = HᵀH
