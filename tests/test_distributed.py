@@ -242,3 +242,18 @@ def test_collectives_and_python_api_in_an_initialised_group(runs, tiny_llama, tm
     out = tmp_path / "out"
     mp.spawn(_units, args=(2, f"file://{tmp_path / 'pg'}", str(tiny_llama), str(out)), nprocs=2, join=True)
     assert digests(out) == digests(runs["olica"][1])  # bytes equal to the torchrun job's
+
+
+def test_cascade_allocation_splits_and_reconstruction_is_refused(tiny_llama, tmp_path):
+    """cascade's survey statistics (the allocation Gram) are all-reduced like every observer's;
+    its gradient reconstruction is not distributed yet and says so before touching anything."""
+    refused = torchrun(*prune_args(tiny_llama, tmp_path / "recon", "cascade"))
+    assert refused.returncode != 0 and "does not run under torchrun yet" in refused.stderr and "recon=false" in refused.stderr
+    assert not (tmp_path / "recon").exists() and not (tmp_path / "recon.work").exists()
+    one, two = tmp_path / "one", tmp_path / "two"
+    prune(PruneConfig(source=tiny_llama, out=one, method="cascade", ratio=RATIO, calib="c4", nsamples=NSAMPLES, seqlen=SEQLEN,
+                      chunk_tokens=CHUNK_TOKENS, progress=False, method_options={"recon": False}))
+    last_json(torchrun(*prune_args(tiny_llama, two, "cascade"), "--option", "recon=false"))
+    c1, c2 = (json.loads((d / "config.json").read_text()) for d in (one, two))
+    assert c1 == c2 and len({s["intermediate_size"] for s in c1["layer_specs"]}) > 1  # the same measured allocation
+    assert worst_relative_difference(one, two) <= BOUND["olica"]

@@ -18,6 +18,8 @@ _BLOCK = 4096  # tokens at a time for the weighted Gram
 
 
 class AllocationObserver:
+    summed = ("base", "eh", "ex", "gram")  # all-reduced across ranks under torchrun (streamprune.distributed)
+
     def __init__(self, base, f: int):
         self.base = base
         self.taps = frozenset({"gate_proj", "down_proj", "layer"}) | (base.taps if base is not None else frozenset())
