@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import errno
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, writer
+from . import __version__, atomic, runlock, writer
 from .activations import ActivationCache
-from .adapters import load_tokenizer, open_model
+from .adapters import load_tokenizer, open_model, tokenizer_digest
 from .checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
@@ -33,7 +33,7 @@ from .textdata import calibration_windows, resolve_text_source
 
 
 def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int) -> dict:
-    return {
+    fp = {
         "source": adapter.reader.fingerprint(),
         "method": method.config_dict(),
         "calibration": {"source": cfg.calib, "sha256": calib_digest, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seed": cfg.seed},
@@ -42,6 +42,9 @@ def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dt
         "chunk_rows": chunk_rows,
         "version": __version__,
     }
+    if cfg.tokenizer is not None:  # only then: fingerprints of runs without it stay as they were
+        fp["tokenizer"] = tokenizer_digest(cfg.tokenizer)
+    return fp
 
 
 def plan(cfg: PruneConfig):
@@ -105,8 +108,9 @@ def check_finite(layer: int, decision) -> None:
 def prune(cfg: PruneConfig) -> dict:
     """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
 
-    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``)."""
-    with graceful_stop() as stop:
+    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``). The run
+    directory and ``cfg.out`` are locked for the whole call (``runlock.RunLocked``)."""
+    with nullcontext() if cfg.dry_run else runlock.held(cfg.run_dir, cfg.out), graceful_stop() as stop:
         return _prune(cfg, stop)
 
 
@@ -120,12 +124,14 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey)
-    tokenizer = load_tokenizer(cfg.source)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
     source = resolve_text_source(cfg.calib)
     run = RunDir(cfg.run_dir)
     fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype, chunk_rows)
     done = writer.finished_report(cfg.out, digest(fp))
     if done is not None and not cfg.fresh:
+        if not cfg.keep_work:  # a run killed after publishing, before its cleanup
+            ActivationCache(run.acts).clear()
         return {**done, "out": str(cfg.out), "already_complete": True}
     writer.check_output_target(cfg.out, digest(fp))
     if cfg.dry_run:
@@ -220,7 +226,7 @@ def _prune(cfg: PruneConfig, stop) -> dict:
     with disk_errors("the output folder", run):
         writer.save_outer(run.staging, outer, storage_dtype)
         layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
-        writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype)
+        writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype, tokenizer_folder=cfg.tokenizer)
     report = {
         "method": method.config_dict(),
         "requested_ratio": cfg.ratio,
