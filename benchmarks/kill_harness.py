@@ -9,10 +9,12 @@
 2. Trials: the same command, in a fresh output/work dir, is started and SIGKILLed at a
    random instant (``os.kill(pid, SIGKILL)`` on the prune process itself: it is started
    without a shell), then started again, killed again, ... up to ``--kills-per-trial``
-   kills, then left to finish. Each delay is uniform over the time this attempt still
-   needs (estimated from the baseline's timeline and the journal's progress), so kills
-   land anywhere: start-up, boundary-0 embedding, survey, a layer's passes, mid-chunk
-   activation writes, the commit, finalize, publish, the activation cleanup.
+   kills, then left to finish. A trial's instants are drawn uniformly over the baseline's
+   timeline and sorted (one of them in the short tail after the last commit; about one
+   in six over the process start-up instead), and each resumed attempt is killed when it
+   reaches the next instant (its own start-up, then the baseline's time since its resume
+   point), so kills land anywhere: start-up, boundary-0 embedding, survey, a layer's
+   passes, mid-chunk activation writes, the commit, finalize, publish, the cleanup.
 3. After each kill the run/output dirs are read to name the phase that was hit; after
    each trial every output file is compared by sha256 with the baseline's (the report's
    ``run`` block, time and memory, is the only part allowed to differ), and the run dir
@@ -281,7 +283,8 @@ def main() -> None:
     phases: dict[str, int] = {}
     for t in trials:
         for k in t["kills"]:
-            key = k["phase"].split(":")[0] if k["phase"].startswith("layer") else k["phase"].split(" (")[0]
+            name = k["phase"].split(" (")[0]
+            key = "layer: " + name.split(": ", 1)[1].split(",")[0] if name.startswith("layer ") else name
             phases[key] = phases.get(key, 0) + 1
     ok_kills = sum(len(t["kills"]) for t in trials if t["identical"] and not t["leftovers"])
     record = {
