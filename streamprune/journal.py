@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -94,8 +95,7 @@ class RunDir:
     def open(self, fingerprint: dict, fresh: bool, job: dict | None = None) -> list[dict]:
         """Create or resume; returns the journal records of a resumed run ([] if new)."""
         if fresh and self.root.exists():
-            import shutil
-
+            self.manifest_path.unlink(missing_ok=True)  # first: a wipe killed half way is a new run
             for child in self.root.iterdir():  # all but the lock this process holds
                 if child.name != LOCK_NAME:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -113,9 +113,13 @@ class RunDir:
             atomic.sweep_tmp(self.staging)
             return self.records()
         self.root.mkdir(parents=True, exist_ok=True)
+        # No manifest: whatever else is here belongs to no job (a --fresh wipe or a first
+        # start killed half way); a stale complete activation boundary would be reused.
         for stale in (self.journal_path, self.survey_path, self.profile_path):
             stale.unlink(missing_ok=True)
-        self.staging.mkdir(exist_ok=True)
+        shutil.rmtree(self.acts, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
         manifest = {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint), "job": job or {}}
         atomic.write_json(self.manifest_path, manifest)
         return []

@@ -168,3 +168,16 @@ def baseline(tiny_llama, tmp_path_factory):
     r = run_cli("prune", tiny_llama, "--out", out, *JOB)
     assert r.returncode == 0, r.stderr
     return digests(out)
+
+
+def test_run_dir_without_manifest_keeps_nothing_stale(tmp_path):
+    """A ``--fresh`` wipe (manifest first) or a first start killed half way leaves files of no
+    job; a stale *complete* activation boundary must not be taken as this run's boundary 0."""
+    run = RunDir(tmp_path / "w")
+    (run.acts / "boundary_0000").mkdir(parents=True)
+    (run.acts / "boundary_0000" / "complete.json").write_text('{"chunks": 1, "rows": 1}')
+    run.staging.mkdir()
+    (run.staging / "model-layer-00000.safetensors").write_bytes(b"old job")
+    run.journal_path.write_text('{"event": "layer", "layer": 0}\n')
+    assert run.open({"job": 2}, fresh=False) == []
+    assert not run.acts.exists() and list(run.staging.iterdir()) == [] and not run.journal_path.exists()
