@@ -2,7 +2,7 @@
 
     python benchmarks/kill_harness.py --method olica [--source DIR] [--kills 20] [--kills-per-trial 7]
         [--ratio 0.2] [--nsamples N] [--seqlen 128] [--chunk-tokens 2048] [--option KEY=VALUE ...]
-        [--work DIR] [--results benchmarks/results/kill_harness.jsonl]
+        [--work DIR] [--results benchmarks/results/kill_harness.jsonl] [--baseline OUT]
 
 1. One uninterrupted ``python -m streamprune prune`` (the baseline); the harness polls its
    run directory to learn when each journal record appeared (a timeline of the run).
@@ -155,6 +155,20 @@ def run_baseline(args, root: Path) -> dict:
             "commit_s": timeline, "num_layers": report["layers"], "digests": output_digests(out)}
 
 
+def baseline_from(out: Path, lock_s: float) -> dict:
+    """The baseline of an uninterrupted output folder made earlier by the same command
+    (``--baseline``), its timeline rebuilt from file times: the report's ``run.wall_s`` ends
+    at the report's mtime and starts when the lock was taken; each layer file was written
+    just before its journal record (a rename keeps mtimes)."""
+    report = json.loads((out / REPORT).read_text())
+    t_lock = (out / REPORT).stat().st_mtime - report["run"]["wall_s"]
+    run = out.with_name(out.name + ".work")
+    layers = sorted(out.glob("model-layer-*.safetensors"))
+    return {"out": out, "wall_s": lock_s + report["run"]["wall_s"], "lock_s": lock_s, "work_s": report["run"]["wall_s"],
+            "manifest_s": max((run / "manifest.json").stat().st_mtime - t_lock, 0.0),
+            "commit_s": [p.stat().st_mtime - t_lock for p in layers], "num_layers": report["layers"], "digests": output_digests(out)}
+
+
 def committed(run: Path) -> int:
     return len([r for r in journal(run) if r.get("event") == "layer"])
 
@@ -251,6 +265,8 @@ def main() -> None:
     ap.add_argument("--kill-seed", type=int, default=0, help="seed of the random kill instants")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     ap.add_argument("--results", type=Path, default=None, help="append the JSON record to this file")
+    ap.add_argument("--baseline", type=Path, default=None, help="reuse this uninterrupted output of the same command (its run dir OUT.work beside it) instead of running one")
+    ap.add_argument("--baseline-lock-s", type=float, default=10.0, help="with --baseline: seconds from process start to the lock")
     args = ap.parse_args()
     if args.source is None:
         from streamprune.demo_model import ensure_demo_model
@@ -264,7 +280,7 @@ def main() -> None:
         sys.exit(f"--work {root} is not empty")
     rng = random.Random(args.kill_seed)
     t0 = time.perf_counter()
-    base = run_baseline(args, root)
+    base = baseline_from(args.baseline, args.baseline_lock_s) if args.baseline else run_baseline(args, root)
     print(f"baseline: {base['wall_s']:.1f} s ({base['lock_s']:.1f} s to the lock), {base['num_layers']} layers, {len(base['digests'])} output files", flush=True)
     trials, total = [], 0
     while total < args.kills:
@@ -293,7 +309,7 @@ def main() -> None:
         "kills": total, "kills_identical": ok_kills, "trials": len(trials),
         "trials_identical": sum(t["identical"] for t in trials), "trials_clean": sum(not t["leftovers"] for t in trials),
         "phases": dict(sorted(phases.items())), "baseline_s": round(base["wall_s"], 1), "total_s": round(time.perf_counter() - t0, 1),
-        "layers": base["num_layers"], "output_files": len(base["digests"]),
+        "layers": base["num_layers"], "output_files": len(base["digests"]), "baseline_reused": bool(args.baseline),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     print(f"\n{ok_kills}/{total} kills resumed to a byte-identical output ({record['trials_identical']}/{len(trials)} trials identical, {record['trials_clean']} clean)")

@@ -127,8 +127,8 @@ class LlamaFamilyAdapter:
         for name in sorted(set(shapes) & set(expected)):
             if shapes[name] != expected[name]:
                 raise CheckpointError(
-                    f"layer 0 tensor {name!r} has shape {shapes[name]} in the checkpoint but {expected[name]} from "
-                    f"{folder}/config.json ({described}): the config does not describe these tensors; fix config.json"
+                    f"layer 0 tensor {name!r} has shape {shapes[name]}, expected {expected[name]} from "
+                    f"{folder}/config.json ({described}): the checkpoint and its config disagree; fix config.json or re-download"
                 )
         d, v = c.hidden_size, c.vocab_size
         for name, want in ((EMBED, (v, d)), (NORM, (d,)), (HEAD, (v, d))):
