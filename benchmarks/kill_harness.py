@@ -173,20 +173,26 @@ def committed(run: Path) -> int:
     return len([r for r in journal(run) if r.get("event") == "layer"])
 
 
-def kill_plan(base: dict, n: int, rng: random.Random) -> list[tuple[str, float]]:
+def kill_plan(base: dict, n: int, rng: random.Random, max_early: int) -> list[tuple[str, float]]:
     """``n`` kill instants for one trial: ("start", s after the process start) for about one
     in six (imports, argument checks, the lock), else ("run", s on the baseline's timeline
-    after its lock), sorted, one of them in the tail (last commit -> exit: finalize,
-    publish, cleanup), which is too short for uniform draws to hit often."""
-    work, tail0 = base["work_s"], (base["commit_s"][-1] if base["commit_s"] else 0.0)
-    points = []
+    after its lock), sorted. One is in the tail (last commit -> exit: finalize, publish,
+    cleanup), too short for uniform draws to hit often; at most ``max_early`` are before the
+    first commit (boundary 0, survey): the survey is not resumable per layer, so each kill
+    there repeats it, which a many-kill trial on a large model cannot afford."""
+    work = base["work_s"]
+    first = base["commit_s"][0] if base["commit_s"] else 0.0
+    tail0 = base["commit_s"][-1] if base["commit_s"] else 0.0
+    points, early = [], 0
     for i in range(n):
         if n >= 3 and i == n - 1:
             points.append(("run", rng.uniform(tail0, work)))
         elif rng.random() < 1 / 6:
             points.append(("start", rng.uniform(0.0, base["lock_s"])))
         else:
-            points.append(("run", rng.uniform(0.0, work)))
+            t = rng.uniform(0.0, work) if early < max_early else rng.uniform(first, work)
+            early += t < first
+            points.append(("run", t))
     runs = sorted(t for kind, t in points if kind == "run")
     starts = [p for p in points if p[0] == "start"]
     plan = [("run", t) for t in runs]
@@ -212,7 +218,7 @@ def trial(args, base: dict, root: Path, index: int, kills_wanted: int, rng: rand
     out = root / f"trial_{index:02d}" / "out"
     run = out.with_name(out.name + ".work")
     kills, attempts = [], 0
-    plan = kill_plan(base, kills_wanted, rng)
+    plan = kill_plan(base, kills_wanted, rng, args.max_early_kills)
     log_path = root / f"trial_{index:02d}.log"
     while True:
         attempts += 1
@@ -238,6 +244,7 @@ def trial(args, base: dict, root: Path, index: int, kills_wanted: int, rng: rand
                     sys.exit(f"trial {index}: the killed prune exited with {rc}, not -9")
                 kills.append({"trial": index, "attempt": attempts, "target_s": round(target, 2), "delay_s": round(delay, 2),
                               "from": kind, "phase": phase(run, out, base["num_layers"])})
+                print(f"  kill {len(kills)}: {kills[-1]}", flush=True)
                 continue
         if rc != 0:
             sys.exit(f"trial {index}: prune exited {rc} after {len(kills)} kills; see {log_path}")
@@ -262,6 +269,7 @@ def main() -> None:
     ap.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, passed through")
     ap.add_argument("--kills", type=int, default=20, help="at least this many kills in all")
     ap.add_argument("--kills-per-trial", type=int, default=7)
+    ap.add_argument("--max-early-kills", type=int, default=3, help="per trial, at most this many kills before the first commit (each repeats the survey)")
     ap.add_argument("--kill-seed", type=int, default=0, help="seed of the random kill instants")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     ap.add_argument("--results", type=Path, default=None, help="append the JSON record to this file")
@@ -305,7 +313,7 @@ def main() -> None:
     ok_kills = sum(len(t["kills"]) for t in trials if t["identical"] and not t["leftovers"])
     record = {
         "method": args.method, "source": str(args.source), "ratio": args.ratio, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "chunk_tokens": args.chunk_tokens, "options": args.option or [], "kill_seed": args.kill_seed,
+        "chunk_tokens": args.chunk_tokens, "options": args.option or [], "kill_seed": args.kill_seed, "max_early_kills": args.max_early_kills,
         "kills": total, "kills_identical": ok_kills, "trials": len(trials),
         "trials_identical": sum(t["identical"] for t in trials), "trials_clean": sum(not t["leftovers"] for t in trials),
         "phases": dict(sorted(phases.items())), "baseline_s": round(base["wall_s"], 1), "total_s": round(time.perf_counter() - t0, 1),
