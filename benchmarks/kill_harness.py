@@ -12,8 +12,9 @@
    kills, then left to finish. A trial's instants are drawn uniformly over the baseline's
    timeline and sorted (one of them in the short tail after the last commit; about one
    in six over the process start-up instead), and each resumed attempt is killed when it
-   reaches the next instant (its own start-up, then the baseline's time since its resume
-   point), so kills land anywhere: start-up, boundary-0 embedding, survey, a layer's
+   reaches the next instant (once it has made the last commit the baseline made before
+   that instant, after the same offset; before the first commit, by time after it took
+   the lock), so kills land anywhere: start-up, boundary-0 embedding, survey, a layer's
    passes, mid-chunk activation writes, the commit, finalize, publish, the cleanup.
 3. After each kill the run/output dirs are read to name the phase that was hit; after
    each trial every output file is compared by sha256 with the baseline's (the report's
@@ -95,9 +96,10 @@ def phase(run: Path, out: Path, num_layers: int) -> str:
     mid_write = f" (mid-write: {tmp[0]})" if tmp else ""
     if not layers:
         if (acts / "survey").exists() and not survey_done:
-            if not (acts / "survey" / "boundary_0000" / "complete.json").is_file():
+            bounds = sorted((acts / "survey").glob("boundary_*"))
+            if not bounds or (bounds[-1].name == "boundary_0000" and not (bounds[-1] / "complete.json").is_file()):
                 return "survey: boundary-0 embedding"
-            return "survey pass"
+            return f"survey pass (layer {int(bounds[-1].name.split('_')[1]) - (not (bounds[-1] / 'complete.json').is_file())})"
         if not (acts / "boundary_0000" / "complete.json").is_file():
             return "boundary-0 embedding" + mid_write
     k = len(layers)
@@ -230,11 +232,22 @@ def trial(args, base: dict, root: Path, index: int, kills_wanted: int, rng: rand
             log.flush()
             t0 = time.perf_counter()
             proc = subprocess.Popen(prune_cmd(args, out), stdout=log, stderr=subprocess.STDOUT)
-            delay = target
+            delay, counted = target, "process start" if kind == "start" else "lock taken"
             if kind == "run":
                 if wait_for_lock(proc, run, t0) is not None:
                     t0 = time.perf_counter()
-                delay = delay_after_lock(base, run, target, rng)
+                # Anchor the instant on the last baseline commit before it: wait until this
+                # attempt has made that commit too, then the same offset. The machine's
+                # speed then only matters within one layer (the load of a shared machine
+                # varies by 2x and more between the baseline and a trial).
+                anchor = sum(c <= target for c in base["commit_s"])
+                if anchor > committed(run):
+                    while proc.poll() is None and committed(run) < anchor:
+                        time.sleep(0.05)
+                    t0, delay = time.perf_counter(), target - base["commit_s"][anchor - 1]
+                    counted = f"commit {anchor}"
+                else:
+                    delay = delay_after_lock(base, run, target, rng)
             try:
                 rc = proc.wait(timeout=None if delay is None else max(delay - (time.perf_counter() - t0), 0.0))
             except subprocess.TimeoutExpired:
@@ -243,7 +256,7 @@ def trial(args, base: dict, root: Path, index: int, kills_wanted: int, rng: rand
                 if rc != -signal.SIGKILL:
                     sys.exit(f"trial {index}: the killed prune exited with {rc}, not -9")
                 kills.append({"trial": index, "attempt": attempts, "target_s": round(target, 2), "delay_s": round(delay, 2),
-                              "from": kind, "phase": phase(run, out, base["num_layers"])})
+                              "from": counted, "phase": phase(run, out, base["num_layers"])})
                 print(f"  kill {len(kills)}: {kills[-1]}", flush=True)
                 continue
         if rc != 0:
@@ -300,7 +313,7 @@ def main() -> None:
     print("\n| trial | attempt | instant (s, baseline timeline) | killed after s | counted from | phase hit |\n|---|---|---|---|---|---|")
     for t in trials:
         for k in t["kills"]:
-            print(f"| {k['trial']} | {k['attempt']} | {k['target_s']} | {k['delay_s']} | {'process start' if k['from'] == 'start' else 'lock taken'} | {k['phase']} |")
+            print(f"| {k['trial']} | {k['attempt']} | {k['target_s']} | {k['delay_s']} | {k['from']} | {k['phase']} |")
     print("\n| trial | kills | output byte-identical to the uninterrupted run | run dir clean |\n|---|---|---|---|")
     for t in trials:
         print(f"| {t['trial']} | {len(t['kills'])} | {'yes' if t['identical'] else 'NO: ' + ', '.join(t['differ'][:3])} | {'yes' if not t['leftovers'] else t['leftovers']} |")
