@@ -31,7 +31,7 @@ def tiny_deep(tmp_path_factory) -> Path:
 def test_random_sigkills_resume_byte_identical(tiny_deep, tmp_path, method):
     proc = subprocess.run(
         [sys.executable, str(HARNESS), "--method", method, "--source", str(tiny_deep), "--ratio", "0.3", "--nsamples", "32",
-         "--seqlen", "32", "--chunk-tokens", "256", "--kills", "6", "--kills-per-trial", "6", "--kill-seed", "1",
+         "--seqlen", "32", "--chunk-tokens", "256", "--kills", "6", "--kills-per-trial", "8", "--kill-seed", "1",
          "--work", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=1200,
     )
