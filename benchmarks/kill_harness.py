@@ -87,7 +87,7 @@ def phase(run: Path, out: Path, num_layers: int) -> str:
     if out.exists():
         return "cleanup (published, activations not yet removed)" if (run / "acts").exists() else "exit (all done)"
     if not (run / "manifest.json").is_file():
-        return "start-up (before the run dir)"
+        return "start-up (lock taken, no manifest yet)"
     records = journal(run)
     layers = {r["layer"] for r in records if r.get("event") == "layer"}
     survey_done = any(r.get("event") == "survey" for r in records)
@@ -257,8 +257,13 @@ def trial(args, base: dict, root: Path, index: int, kills_wanted: int, rng: rand
                 rc = proc.wait()
                 if rc != -signal.SIGKILL:
                     sys.exit(f"trial {index}: the killed prune exited with {rc}, not -9")
+                try:
+                    locked = json.loads((run / "lock").read_text() or "{}").get("pid") == proc.pid
+                except (OSError, ValueError):
+                    locked = False
+                hit = phase(run, out, base["num_layers"]) if locked or out.exists() else "start-up (before the lock)"
                 kills.append({"trial": index, "attempt": attempts, "target_s": round(target, 2), "delay_s": round(delay, 2),
-                              "from": counted, "phase": phase(run, out, base["num_layers"])})
+                              "from": counted, "phase": hit})
                 print(f"  kill {len(kills)}: {kills[-1]}", flush=True)
                 continue
         if rc != 0:
