@@ -26,6 +26,18 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def sweep_tmp(folder: Path) -> list[str]:
+    """Remove the temp files that killed writers left in ``folder`` (any pid); returns their
+    names. Only for a folder no live writer uses (the caller holds the run's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name and p.is_file())
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]
+
+
 def _publish(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -7,8 +7,10 @@ checkpoints (``.bin``, ``.pt``, ``.pth``) are refused: loading them executes cod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,12 +32,49 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file (None if it is): missing, a symlink loop,
+    a dangling symlink, a folder, unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path} is a symlink loop (it resolves to itself); replace it with the real file"
+        if os.path.islink(path):
+            return f"{path} is a dangling symlink (to {os.readlink(path)!r}); restore its target or re-download"
+        if e.errno == errno.ENOENT:
+            return f"{path} is missing"
+        return f"{path} cannot be read ({e.strerror})"
+    if not os.path.isfile(path):
+        return f"{path} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable (permission denied): fix its permissions (chmod a+r) or run as its owner"
+    return None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A small text file's contents, an unreadable one as one :class:`CheckpointError` line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except PermissionError as e:
+        raise CheckpointError(f"{path} is not readable (permission denied): fix its permissions (chmod a+r) or run as its owner") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e}); {what}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror}); {what}") from e
+
+
 class CheckpointReader:
     """Tensor name -> shard map over a Hugging Face safetensors checkpoint folder."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
+            if self.folder.exists():
+                raise CheckpointError(
+                    f"model source {str(self.folder)!r} is a file, not a folder: give the folder that holds "
+                    f"config.json and the *.safetensors (e.g. {str(self.folder.parent)!r})"
+                )
             raise CheckpointError(f"model folder {str(self.folder)!r} does not exist (give a local folder with config.json and *.safetensors)")
         self.config_dict = self._read_config()
         self.weight_map = self._read_weight_map()
@@ -44,11 +83,13 @@ class CheckpointReader:
     # ---- opening ----------------------------------------------------------------------
     def _read_config(self) -> dict:
         path = self.folder / "config.json"
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             raise CheckpointError(f"{path} is missing: a Hugging Face model folder needs config.json")
+        if problem := file_problem(path):
+            raise CheckpointError(problem)
         try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            cfg = json.loads(read_text(path, "re-download or fix the file"))
+        except json.JSONDecodeError as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix the file") from e
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise CheckpointError(f"{path} has no 'model_type'; is this a Hugging Face config.json?")
@@ -57,19 +98,37 @@ class CheckpointReader:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.folder / INDEX_NAME
         single = self.folder / SINGLE_NAME
-        if index.is_file():
+        if index.is_file() or index.is_symlink():
+            if problem := file_problem(index):
+                raise CheckpointError(problem)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(read_text(index, "re-download the checkpoint"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
             for shard in sorted(set(weight_map.values())):
-                if not (self.folder / shard).is_file():
+                rel = Path(shard)
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                    raise CheckpointError(
+                        f"{index} names shard {shard!r}, outside the model folder; an index may only name files "
+                        f"inside {self.folder}: move the shard into it and name it by its file name"
+                    )
+                path = self.folder / shard
+                if not path.is_file() and not path.is_symlink():
                     raise CheckpointError(f"shard {shard!r} named in {index} is missing from {self.folder}")
+                if problem := file_problem(path):
+                    raise CheckpointError(f"shard {shard!r} named in {index}: {problem}")
             self._check_index(weight_map)
             return weight_map
-        if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                return {k: SINGLE_NAME for k in f.keys()}
+        if single.is_file() or single.is_symlink():
+            if problem := file_problem(single):
+                raise CheckpointError(problem)
+            try:
+                with safe_open(single, framework="pt") as f:
+                    return {k: SINGLE_NAME for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types for garbled headers
+                raise CheckpointError(f"{single} cannot be opened as safetensors ({e}); re-download it") from e
         pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(

@@ -31,6 +31,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--method", default="olica", help="pruning method (default: olica)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. --option mlp_num=4")
+    p.add_argument("--tokenizer", type=Path, default=None, help="folder with the tokenizer files, if SRC lacks them (copied to the output)")
     p.add_argument("--calib", default="c4", help="calibration text: c4|wikitext2|ptb, a .txt/.jsonl path, or hf:NAME[:CONFIG[:SPLIT]] (needs `datasets`, online)")
     p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window (default 128)")
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "quiet", False):  # quiet: another rank printed the reason
             print(f"streamprune: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except OSError as e:  # last line of defence for what no reader named (permissions, I/O errors)
+        if os.environ.get("STREAMPRUNE_DEBUG"):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"streamprune: error: {e.strerror or e}{where}: check that the path exists and is readable/writable by "
+              "this user, then run the same command again (STREAMPRUNE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C: immediate stop; committed layers still count
         print("streamprune: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -100,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> dict:
     if args.command == "prune":
+        # refuse a busy run dir / --out before the slow torch import (under torchrun rank 0
+        # alone holds the lock, so only it probes)
+        if not args.dry_run and os.environ.get("RANK", "0") == "0":
+            from .runlock import refuse_if_held, run_dir_for
+
+            refuse_if_held(run_dir_for(args.out, args.work_dir), args.out)
         from .config import PruneConfig
         from .engine import prune
 
@@ -108,6 +122,7 @@ def _run(args) -> dict:
             calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
             dtype=args.dtype, chunk_tokens=args.chunk_tokens, work_dir=args.work_dir, fresh=args.fresh,
             keep_work=args.keep_work, dry_run=args.dry_run, max_gpu_memory=args.max_gpu_memory, progress=not args.no_progress,
+            tokenizer=args.tokenizer,
         )
         return prune(cfg)
     if args.command == "eval":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .runlock import run_dir_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -63,10 +64,13 @@ class PruneConfig:
     dry_run: bool = False
     max_gpu_memory: str | None = None
     progress: bool = True
+    tokenizer: Path | None = None  # a folder with the tokenizer files (default: the source's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
         object.__setattr__(self, "out", Path(self.out))
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", Path(self.tokenizer))
         if self.work_dir is not None:
             object.__setattr__(self, "work_dir", Path(self.work_dir))
         if not 0.0 <= self.ratio < 1.0:
@@ -80,7 +84,7 @@ class PruneConfig:
 
     @property
     def run_dir(self) -> Path:
-        return self.work_dir if self.work_dir is not None else self.out.with_name(self.out.name + ".work")
+        return run_dir_for(self.out, self.work_dir)
 
     @property
     def chunk_rows(self) -> int:

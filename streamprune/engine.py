@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import errno
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, writer
+from . import __version__, atomic, runlock, writer
 from .activations import ActivationCache
-from .adapters import load_tokenizer, open_model
+from .adapters import load_tokenizer, open_model, tokenizer_digest
 from .checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
@@ -47,6 +47,8 @@ def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dt
     }
     if world_size > 1:  # the calibration split (so the sums' rounding and each rank's cache) depend on it
         fp["world_size"] = world_size
+    if cfg.tokenizer is not None:  # only then: fingerprints of runs without it stay as they were
+        fp["tokenizer"] = tokenizer_digest(cfg.tokenizer)
     return fp
 
 
@@ -112,12 +114,16 @@ def check_finite(layer: int, decision) -> None:
 def prune(cfg: PruneConfig) -> dict:
     """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
 
-    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``). Under
-    torchrun (or in an initialised process group) the calibration is split across the
-    ranks: see :mod:`streamprune.distributed`."""
-    with joined(cfg.device) as (ranks, device), graceful_stop() as stop:
+    SIGINT/SIGTERM stop after the layer in flight is committed (``Interrupted``). The run
+    directory and ``cfg.out`` are locked for the whole call (``runlock.RunLocked``; under
+    torchrun rank 0 holds the lock and its refusal stops every rank). Under torchrun (or in an
+    initialised process group) the calibration is split across the ranks: see
+    :mod:`streamprune.distributed`."""
+    with joined(cfg.device) as (ranks, device), graceful_stop() as stop, ExitStack() as locks:
         if ranks.distributed:
             cfg = replace(cfg, device=device, progress=cfg.progress and ranks.is_main)
+        if not cfg.dry_run:
+            ranks.on_main(lambda: locks.enter_context(runlock.held(cfg.run_dir, cfg.out)))
         return _prune(cfg, SharedStop(stop, ranks), ranks)
 
 
@@ -143,12 +149,14 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen))
-    tokenizer = load_tokenizer(cfg.source)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
     source = resolve_text_source(cfg.calib)
     run = RunDir(cfg.run_dir)
     fp = fingerprint(cfg, adapter, method, source.sha256, device, dtype, chunk_rows, ranks.world_size)
     done = writer.finished_report(cfg.out, digest(fp))
     if done is not None and not cfg.fresh:
+        if not cfg.keep_work:  # a run killed after publishing, before its cleanup
+            ActivationCache(run.acts).clear()
         return {**done, "out": str(cfg.out), "already_complete": True}
     writer.check_output_target(cfg.out, digest(fp))
     if cfg.dry_run:
@@ -262,7 +270,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
         with disk_errors("the output folder", run):
             writer.save_outer(run.staging, outer, storage_dtype)
             layer_files = [writer.layer_file(i) for i in range(shapes.num_layers)]
-            writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype)
+            writer.finalize(run.staging, cfg.source, adapter.config, out_specs, layer_files, sorted(outer), storage_dtype, tokenizer_folder=cfg.tokenizer)
     report = {
         "method": method.config_dict(),
         "requested_ratio": cfg.ratio,

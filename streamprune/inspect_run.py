@@ -8,6 +8,7 @@ from pathlib import Path
 from .errors import StreamPruneError
 from .journal import RunDir
 from .profile import GiB
+from .runlock import holder, run_lock_path
 
 COLUMNS = ("read_s", "forward_s", "decide_s", "write_s", "wall_s")
 
@@ -21,11 +22,13 @@ def inspect_run(work_dir: str | Path, out=sys.stderr) -> dict:
     layers = sorted(run.committed_layers(records))
     profile = run.profile()
     total = manifest.get("job", {}).get("num_layers")
+    live = holder(run_lock_path(run.root))  # a probe: never blocks or disturbs a live run
     fp = manifest["fingerprint"]
     print(f"run       {run.root}", file=out)
     print(f"job       {manifest.get('job', {})}", file=out)
     print(f"method    {fp['method']}", file=out)
     print(f"calib     {fp['calibration']}", file=out)
+    print(f"state     {'running (pid ' + str(live.get('pid')) + ' on ' + str(live.get('host')) + ', started ' + str(live.get('started')) + ')' if live is not None else 'not running'}", file=out)
     print(f"layers    {len(layers)} / {total} committed; survey {'done' if any(r.get('event') == 'survey' for r in records) else 'not done'}", file=out)
     if profile:
         print("layer " + " ".join(f"{c:>10}" for c in COLUMNS) + f" {'rss_GiB':>8} {'gpu_GiB':>8}", file=out)
@@ -43,6 +46,7 @@ def inspect_run(work_dir: str | Path, out=sys.stderr) -> dict:
         "layers_done": len(layers),
         "num_layers": total,
         "complete": total is not None and len(layers) == total,
+        "running": live,
         "fingerprint_sha256": manifest["fingerprint_sha256"],
         "median_layer_s": walls[len(walls) // 2] if walls else None,
         **peaks,

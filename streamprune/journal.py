@@ -2,6 +2,7 @@
 
 Layout of a run directory::
 
+    lock                  held (flock) by the live run, see runlock.py
     manifest.json         fingerprint of the job (written once, atomically)
     journal.jsonl         one fsynced JSON line per event: survey done, layer committed
     survey.safetensors    survey-pass results (so a resume never repeats the survey)
@@ -11,6 +12,12 @@ Layout of a run directory::
 
 A layer record is appended only after the layer's tensors and the next activation
 boundary are durable; on resume the committed files' sha256 are verified first.
+
+Opening a run repairs what a kill -9 or a power loss can leave: a torn last line of
+``journal.jsonl`` / ``profile.jsonl`` is cut off before anything is appended (else the
+next record would be glued onto it and lost, with every later one), and temporary files
+of interrupted atomic writes are removed from ``staging/`` (else they would be published
+into the output folder). Both are safe only because the caller holds the run's lock.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +34,7 @@ from safetensors.torch import load_file
 from . import atomic
 from .checkpoint import file_sha256
 from .errors import StreamPruneError
+from .runlock import LOCK_NAME
 
 
 class FingerprintMismatch(StreamPruneError):
@@ -47,6 +56,31 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def repair_tail(path: Path) -> int:
+    """Cut a torn tail off a JSON-lines file: bytes after the last newline, and a line that
+    is not valid JSON with everything after it (what :meth:`RunDir.records` ignores).
+    Returns the number of bytes removed (0 if intact or absent)."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    keep = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # torn mid-write
+        try:
+            json.loads(line)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            break
+        keep += len(line)
+    if keep == len(data):
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -61,9 +95,10 @@ class RunDir:
     def open(self, fingerprint: dict, fresh: bool, job: dict | None = None) -> list[dict]:
         """Create or resume; returns the journal records of a resumed run ([] if new)."""
         if fresh and self.root.exists():
-            import shutil
-
-            shutil.rmtree(self.root)
+            self.manifest_path.unlink(missing_ok=True)  # first: a wipe killed half way is a new run
+            for child in self.root.iterdir():  # all but the lock this process holds
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         if self.manifest_path.is_file():
             old = json.loads(self.manifest_path.read_text())["fingerprint"]
             if old != fingerprint:
@@ -73,11 +108,18 @@ class RunDir:
                     f"work dir {self.root} belongs to a different job (differs in: {', '.join(fields)}); "
                     "rerun with --fresh to start over, or use another --work-dir"
                 )
+            repair_tail(self.journal_path)
+            repair_tail(self.profile_path)
+            atomic.sweep_tmp(self.staging)
             return self.records()
         self.root.mkdir(parents=True, exist_ok=True)
+        # No manifest: whatever else is here belongs to no job (a --fresh wipe or a first
+        # start killed half way); a stale complete activation boundary would be reused.
         for stale in (self.journal_path, self.survey_path, self.profile_path):
             stale.unlink(missing_ok=True)
-        self.staging.mkdir(exist_ok=True)
+        shutil.rmtree(self.acts, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
         manifest = {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint), "job": job or {}}
         atomic.write_json(self.manifest_path, manifest)
         return []

@@ -102,7 +102,7 @@ def resolve_text_source(name_or_path: str) -> TextSource:
     if not path.is_file():
         hint = "reinstall streamprune" if spec in BUNDLED else "check the path"
         raise CalibrationError(f"text file {path} does not exist: {hint}")
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     source = TextSource(name=spec, path=path, kind=kind, sha256=hashlib.sha256(raw).hexdigest())
     documents = _documents_from_bytes(raw, source)
     if not any(doc.strip() for doc in documents):
@@ -114,7 +114,7 @@ def read_documents(source: TextSource) -> list[str]:
     """The documents of ``source``: one per jsonl line / hf row, else the whole text as one."""
     if source.kind == "hf":
         return _hf_texts(source.name)
-    return _documents_from_bytes(source.path.read_bytes(), source)
+    return _documents_from_bytes(_read_bytes(source.path), source)
 
 
 def evaluation_text(source: TextSource) -> str:
@@ -235,11 +235,35 @@ def _too_few_documents(source: TextSource, lengths: list[int], nsamples: int, se
             f"{', '.join(fixes[:-1]) + ', or ' if len(fixes) > 1 else ''}{fixes[-1]}")
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except PermissionError as e:
+        raise CalibrationError(f"text file {path} is not readable (permission denied): fix its permissions (chmod a+r) or give another file") from e
+    except OSError as e:
+        raise CalibrationError(f"text file {path} cannot be read ({e.strerror}): check the path") from e
+
+
+# Byte-order marks of the encodings a text editor may save in instead of UTF-8.
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32-BE"), (b"\xff\xfe", "UTF-16-LE"), (b"\xfe\xff", "UTF-16-BE"))
+
+
 def _documents_from_bytes(raw: bytes, source: TextSource) -> list[str]:
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), None)
+    if encoding is None and b"\x00" in raw[:4096]:
+        encoding = "UTF-16/32 without a byte-order mark"  # NUL bytes: valid UTF-8, but not text
+    if encoding is not None:
+        raise CalibrationError(
+            f"text file {source.path} is {encoding}, not UTF-8: convert it, e.g. "
+            f"`iconv -f {encoding.split()[0].split('/')[0]} -t UTF-8 {source.path} > converted{source.path.suffix}`"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CalibrationError(f"text file {source.path} is not UTF-8 ({e}): convert it to UTF-8") from e
+        raise CalibrationError(
+            f"text file {source.path} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}; Latin-1 or "
+            f"Windows-1252?): convert it, e.g. `iconv -f WINDOWS-1252 -t UTF-8 {source.path} > converted{source.path.suffix}`"
+        ) from e
     if source.kind == "txt":
         return [text]
     if source.kind == "ptb":

@@ -67,8 +67,11 @@ def pruned_config(source_config, specs: list[LayerSpec], dtype: torch.dtype) -> 
     return cfg
 
 
-def finalize(staging: Path, source_folder: Path, config, specs: list[LayerSpec], layer_files: list[str], outer_keys: list[str], dtype: torch.dtype) -> None:
-    """Write index, config, modeling file and tokenizer into ``staging``."""
+def finalize(staging: Path, source_folder: Path, config, specs: list[LayerSpec], layer_files: list[str], outer_keys: list[str], dtype: torch.dtype,
+             tokenizer_folder: Path | None = None) -> None:
+    """Write index, config, modeling file and tokenizer into ``staging``; the tokenizer files
+    come from ``tokenizer_folder`` when given (``--tokenizer``), generation_config.json always
+    from the source."""
     weight_map: dict[str, str] = {}
     total = 0
     for i, (spec, fname) in enumerate(zip(specs, layer_files)):
@@ -84,7 +87,7 @@ def finalize(staging: Path, source_folder: Path, config, specs: list[LayerSpec],
     for remote_file in MODELING_FILES:
         atomic.write_bytes(staging / remote_file.name, remote_file.read_bytes())
     for name in TOKENIZER_FILES:
-        src = source_folder / name
+        src = (tokenizer_folder if tokenizer_folder is not None and name != "generation_config.json" else source_folder) / name
         if src.is_file():
             atomic.write_bytes(staging / name, src.read_bytes())
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import CheckpointReader
-from ..errors import UnsupportedArchitectureError
+from ..checkpoint import CheckpointReader, file_sha256
+from ..errors import CheckpointError, UnsupportedArchitectureError
 from .llama import LAYER_CLASSES, SUPPORTED, LlamaFamilyAdapter
 
 ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter}
@@ -25,6 +25,11 @@ def open_model(folder: str | Path) -> LlamaFamilyAdapter:
     return ADAPTERS[model_type](reader)
 
 
+# A folder has a tokenizer if it holds one of these (fast, sentencepiece, BPE vocab).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+_FIX = "copy the tokenizer files of the original model into it, or (prune) give --tokenizer DIR, a folder that has them"
+
+
 def load_tokenizer(folder: str | Path):
     """The folder's tokenizer. Registers the streamprune config first, so a pruned output
     never triggers transformers' remote-code prompt; never runs code from the folder."""
@@ -32,5 +37,23 @@ def load_tokenizer(folder: str | Path):
 
     from ..modeling import register
 
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CheckpointError(f"tokenizer folder {str(folder)!r} {what}: give the folder that holds tokenizer.json (or tokenizer.model)")
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        raise CheckpointError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}): {_FIX}")
     register()
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError/OSError/... with multi-line messages
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(e).__name__}: {reason}); {_FIX}") from e
+
+
+def tokenizer_digest(folder: str | Path) -> dict[str, str]:
+    """sha256 of each tokenizer file in ``folder`` (for the run fingerprint of ``--tokenizer``)."""
+    from ..writer import TOKENIZER_FILES
+
+    folder = Path(folder)
+    return {name: file_sha256(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}

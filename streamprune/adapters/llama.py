@@ -82,6 +82,7 @@ class LlamaFamilyAdapter:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
         self.model_type = model_type
+        check_config_values(reader.config_dict, reader.folder / "config.json", dense=model_type != "streamprune")
         self.config = self._load_config()
         self.pruned = model_type == "streamprune"
         if self.pruned:
@@ -89,6 +90,7 @@ class LlamaFamilyAdapter:
         else:
             self._check_supported_options()
             self.specs = [self.shapes().dense_spec()] * self.config.num_hidden_layers
+        self._check_checkpoint_matches_config()
 
     def _load_config(self) -> PretrainedConfig:
         if self.model_type == "streamprune":
@@ -96,8 +98,9 @@ class LlamaFamilyAdapter:
         else:
             try:
                 cfg = AutoConfig.from_pretrained(self.reader.folder, trust_remote_code=False)
-            except (ValueError, TypeError, KeyError) as e:
-                raise CheckpointError(f"{self.reader.folder}/config.json cannot be parsed by transformers ({e})") from e
+            except Exception as e:  # ValueError, TypeError, KeyError and huggingface_hub's strict-dataclass errors
+                reason = " ".join(str(e).split())  # one line
+                raise CheckpointError(f"{self.reader.folder}/config.json cannot be parsed by transformers ({reason}); fix the file") from e
         cfg._attn_implementation = "sdpa"  # attention_mask=None + sdpa => causal, no mask tensor
         return cfg
 
@@ -105,6 +108,39 @@ class LlamaFamilyAdapter:
         cfg = self.config
         if getattr(cfg, "mlp_bias", False):
             raise UnsupportedArchitectureError("mlp_bias=True (biased gate/up/down) is not supported by the Llama adapter")
+
+    def _check_checkpoint_matches_config(self) -> None:
+        """From the shard headers alone (no tensor data): the layers present, layer 0's tensor
+        shapes and the outer tensors must be what config.json describes; else the run would
+        fail after its run directory was made (or, for the vocabulary, not at all)."""
+        folder = self.reader.folder
+        present = set()
+        for name in self.reader.weight_map:
+            part = name.split(".")[2] if name.startswith("model.layers.") and name.count(".") >= 3 else ""
+            if part.isdigit():
+                present.add(int(part))
+        n = self.config.num_hidden_layers
+        if present != set(range(n)):
+            have = f"layers 0-{max(present)} ({len(present)} layers)" if present and present == set(range(len(present))) else f"{len(present)} layers {sorted(present)[:6]}"
+            raise CheckpointError(f"{folder}/config.json says num_hidden_layers={n} but the checkpoint has tensors for {have}: fix num_hidden_layers or re-download")
+        shapes = {n[len(self.layer_prefix(0)):]: self.reader.shape(n) for n in self.reader.names_with_prefix(self.layer_prefix(0))}
+        expected = {k: tuple(v.shape) for k, v in self.skeleton(0).state_dict().items()}
+        c = self.config
+        described = (f"hidden_size {c.hidden_size}, num_attention_heads {c.num_attention_heads}, num_key_value_heads "
+                     f"{getattr(c, 'num_key_value_heads', None)}, head_dim {getattr(c, 'head_dim', None)}, intermediate_size {c.intermediate_size}")
+        for name in sorted(set(shapes) & set(expected)):
+            if shapes[name] != expected[name]:
+                raise CheckpointError(
+                    f"layer 0 tensor {name!r} has shape {shapes[name]}, expected {expected[name]} from "
+                    f"{folder}/config.json ({described}): the checkpoint and its config disagree; fix config.json or re-download"
+                )
+        d, v = c.hidden_size, c.vocab_size
+        for name, want in ((EMBED, (v, d)), (NORM, (d,)), (HEAD, (v, d))):
+            if self.reader.has(name) and self.reader.shape(name) != want:
+                raise CheckpointError(
+                    f"{name} has shape {self.reader.shape(name)} but {folder}/config.json (vocab_size {v}, hidden_size {d}) "
+                    f"implies {want}: fix vocab_size / hidden_size in config.json"
+                )
 
     # ---- shapes -----------------------------------------------------------------------
     def shapes(self) -> ModelShapes:
@@ -186,6 +222,48 @@ class LlamaFamilyAdapter:
             module_name, _, rot_name = LAYER_CLASSES[self.model_type]
             cls = getattr(importlib.import_module(module_name), rot_name)
         return cls(config=self.config).to(device)
+
+
+_POSITIVE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL_POSITIVE = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_config_values(cfg: dict, path, dense: bool = True) -> None:
+    """The raw config.json values the Llama family needs: positive integer sizes, heads that
+    divide, a RoPE base. Checked before transformers parses them (its errors are tracebacks
+    or, for a missing ``rope_theta``, a silent default of 10000)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _POSITIVE + _OPTIONAL_POSITIVE:
+        if key not in cfg or (cfg[key] is None and key in _OPTIONAL_POSITIVE):
+            if key in _POSITIVE:
+                raise CheckpointError(f"{path} has no {key!r}; a Llama-family config needs it (see the model's original config.json)")
+            continue
+        if not is_int(cfg[key]) or cfg[key] <= 0:
+            raise CheckpointError(f"{path}: {key} must be a positive integer, got {cfg[key]!r}; fix config.json")
+    heads, d = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv = cfg.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise CheckpointError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv} (grouped-query attention needs whole groups); fix config.json")
+    if cfg.get("head_dim") is None and d % heads:
+        raise CheckpointError(f"{path}: num_attention_heads {heads} does not divide hidden_size {d} and there is no head_dim; fix config.json")
+    eps = cfg.get("rms_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        raise CheckpointError(f"{path}: rms_norm_eps must be a positive number, got {eps!r}; fix config.json")
+    if not dense:
+        return
+    rope = cfg.get("rope_parameters")
+    theta = cfg.get("rope_theta")
+    if theta is None and isinstance(rope, dict):
+        theta = rope.get("rope_theta")
+    if theta is None:
+        raise CheckpointError(
+            f"{path} has no rope_theta (nor rope_parameters.rope_theta): transformers would silently assume 10000, "
+            "which is wrong for most recent models; add the model's value (see its original config.json)"
+        )
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise CheckpointError(f"{path}: rope_theta must be a positive number, got {theta!r}; fix config.json")
 
 
 def check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
