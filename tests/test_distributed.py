@@ -16,7 +16,6 @@ heads, value dims) are identical; magnitude (weights only) is bitwise identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from test_resume import digests  # sha256 of every output file, the report without its "run" block
 
 from streamprune import EvalConfig, PruneConfig, perplexity, prune
 from streamprune.journal import FingerprintMismatch
@@ -54,19 +55,6 @@ def prune_args(src: Path, out: Path, method: str) -> list:
 def last_json(r: subprocess.CompletedProcess) -> dict:
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every output file; the report without its volatile "run" block."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        data = f.read_bytes()
-        if f.name == "streamprune_report.json":
-            report = json.loads(data)
-            report.pop("run")
-            data = json.dumps(report, sort_keys=True).encode()
-        out[f.name] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def worst_relative_difference(a: Path, b: Path) -> float:
