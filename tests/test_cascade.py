@@ -32,7 +32,8 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 
 
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
-                                {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"}])
+                                {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
+                                {"attn_scale": -0.1}, {"attn_scale": 2.5}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
@@ -49,6 +50,52 @@ def test_specs_are_the_base_methods_and_hit_ratio(shapes, ratio):
     specs = method.planned_specs(shapes)
     assert specs == base.planned_specs(shapes)
     assert abs(shapes.achieved_ratio(specs) - ratio) <= 0.01
+
+
+@pytest.mark.parametrize("shapes", [SMOLLM2, LLAMA2_70B], ids=["smollm2", "llama2-70b"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.2])
+def test_attn_scale_moves_the_cut_between_attention_and_ffn_at_equal_total(shapes, ratio, scale):
+    specs = {}
+    for a in (1.0, scale):
+        method = build_method("cascade", ratio, {"attn_scale": a})
+        method.plan(shapes)
+        specs[a] = method.planned_specs(shapes)
+    attn = {a: sum(s.num_params() - 3 * s.hidden_size * s.intermediate_size for s in sp) for a, sp in specs.items()}
+    ffn = {a: sum(s.intermediate_size for s in sp) for a, sp in specs.items()}
+    assert abs(shapes.achieved_ratio(specs[scale]) - ratio) <= 0.01  # the ratio contract holds at any split
+    if scale < 1:
+        assert attn[scale] > attn[1.0] and ffn[scale] < ffn[1.0]  # attention keeps more, the FFNs pay
+    else:
+        assert attn[scale] < attn[1.0] and ffn[scale] > ffn[1.0]
+    if scale == 0:  # attention untouched: dense Q/K/V/O, full value heads
+        dense = shapes.dense_spec()
+        assert all(s.q_rank is None and s.k_rank is None and s.v_head_dim == dense.v_head_dim for s in specs[0.0])
+        assert attn[0.0] == shapes.num_layers * (dense.num_params() - 3 * dense.hidden_size * dense.intermediate_size)
+
+
+def test_attn_scale_zero_keeps_the_attention_bit_for_bit(tiny_llama, tmp_path):
+    """Dense Q/K (rank None) are copied; V/O only go through Fast-OND's orthogonal rotation,
+    so the attention block's output is the dense one's."""
+    out = tmp_path / "out"
+    opts = {"recon": False, "attn_scale": 0.0}
+    prune(PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E))
+    pruned, src = _output_tensors(out), open_model(tiny_llama).reader
+    for i, spec in enumerate(_specs_of(out)):
+        assert spec.q_rank is None and spec.k_rank is None
+        for proj in ("q", "k"):
+            name = f"model.layers.{i}.self_attn.{proj}_proj.weight"
+            assert torch.equal(pruned[name], src.read([name])[name])
+        wv, wo = (pruned[f"model.layers.{i}.self_attn.{p}_proj.weight"].double() for p in ("v", "o"))
+        names = [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in ("v", "o")]
+        wv0, wo0 = (t.double() for t in src.read(names).values())
+        g = spec.heads_per_group  # per KV group, o's input columns (its query heads) multiply that group's v rows
+        h = spec.head_dim
+        for grp in range(spec.num_kv_heads):
+            v, v0 = wv[grp * h:(grp + 1) * h], wv0[grp * h:(grp + 1) * h]
+            for q in range(g):
+                c = slice((grp * g + q) * h, (grp * g + q + 1) * h)
+                assert rel(wo[:, c] @ v, wo0[:, c] @ v0) < 1e-5
 
 
 def test_workspace_forecast_fits_a_24gb_card_at_70b():

@@ -27,19 +27,19 @@ from streamprune import PruneConfig, load_pruned, prune
 TASKS = Path(__file__).resolve().parents[1] / "streamprune" / "data" / "lmeval"
 
 
-def _task_utils():
-    spec = importlib.util.spec_from_file_location("lmeval_task_utils", TASKS / "utils.py")
+def _wikicloze():
+    spec = importlib.util.spec_from_file_location("lmeval_wikicloze", TASKS / "wikicloze.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_shipped_task_data_is_rebuilt_byte_identically():
-    utils = _task_utils()
-    items = utils.build_items(utils.SOURCE.read_text())
-    assert len(items) == utils.N_ITEMS
+    wikicloze = _wikicloze()
+    items = wikicloze.build_items(wikicloze.SOURCE.read_text())
+    assert len(items) == wikicloze.N_ITEMS
     text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
-    assert utils.DATA.read_text() == text
+    assert wikicloze.DATA.read_text() == text
     for it in items:  # four distinct endings, the gold one where the label says
         assert len(set(it["endings"])) == 4 and 0 <= it["label"] < 4
 

@@ -178,6 +178,9 @@ class Olica(Method):
     needs_survey = True
     needs_pass_b = True
     pass_b_layer = "dense"
+    # Fraction of sr_allocation's attention cut (the paper: 1). Not an Olica knob: methods
+    # built on Olica's selection (cascade) set it before ``plan``.
+    attn_scale: float = 1.0
 
     def __init__(self, config: OlicaConfig, ratio: float):
         super().__init__(config, ratio)
@@ -193,7 +196,7 @@ class Olica(Method):
         cfg, d, L = self.config, shapes.hidden_size, shapes.num_layers
         lc_rank = math.floor(cfg.lc_rank_ratio * d)
         mlp_num = min(cfg.mlp_num, L - 1) if lc_rank > 0 else 0
-        s_qk, s_vo, s_mlp = budget_split(shapes, self.ratio, cfg.k, mlp_num * 2 * d * lc_rank)
+        s_qk, s_vo, s_mlp = budget_split(shapes, self.ratio, cfg.k, mlp_num * 2 * d * lc_rank, self.attn_scale)
         q_rank, k_rank, h_v = attention_knobs(shapes, s_qk, s_vo)
         n_least, n_pruned = ffn_counts(shapes.intermediate_size, s_mlp, cfg.keep_least_frac)
         if survey is not None:
@@ -252,6 +255,11 @@ class Olica(Method):
 
         for proj, rank in (("q", p.q_rank), ("k", p.k_rank)):  # activation-weighted SVD
             w = weights[f"self_attn.{proj}_proj.weight"]
+            if rank is None:  # nothing to save: the projection stays dense
+                out[f"self_attn.{proj}_proj.weight"] = w
+                if s.qkv_bias:
+                    out[f"self_attn.{proj}_proj.bias"] = weights[f"self_attn.{proj}_proj.bias"]
+                continue
             up, down = weighted_svd(w, ev.sqrt(), rank, balance="left", solver=cfg.svd_solver, seed=seed)
             out[f"self_attn.{proj}_proj.down.weight"] = down.contiguous()
             out[f"self_attn.{proj}_proj.up.weight"] = up.contiguous()

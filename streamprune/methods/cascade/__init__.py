@@ -59,6 +59,7 @@ class CascadeConfig:
     recon_loss: str = "rms"
     allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
+    attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -87,6 +88,10 @@ class CascadeConfig:
             raise bad("allocation", "'uniform' or 'measured'")
         if self.allocation == "measured" and self.base != "olica":
             raise bad("allocation", "'uniform' with base lorap/slimllm (measured allocation needs base olica)")
+        if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) or not 0 <= self.attn_scale <= 2:
+            raise bad("attn_scale", "in [0, 2]")
+        if self.attn_scale != 1 and self.base != "olica":
+            raise bad("attn_scale", "1 with base lorap/slimllm (the attention/FFN split is Olica's)")
         if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
             raise bad("alloc_max_frac", "in (0, 1)")
 
@@ -117,6 +122,8 @@ class Cascade(Method):
     def __init__(self, config: CascadeConfig, ratio: float):
         super().__init__(config, ratio)
         self.base = build_base(config, ratio)
+        if config.base == "olica":
+            self.base.attn_scale = float(config.attn_scale)
         self.measured = config.allocation == "measured"
         self.needs_survey = self.base.needs_survey or self.measured
         self.needs_pass_b = self.base.needs_pass_b
@@ -206,5 +213,8 @@ class Cascade(Method):
                          + (cfg.recon_epochs + 1) * val * 2 * (s.num_params() + dense) for s in specs))
 
     def config_dict(self) -> dict:
+        options = asdict(self.config)
+        if options["attn_scale"] == 1.0:  # added later: runs at its default keep their fingerprints
+            del options["attn_scale"]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
-                **asdict(self.config), "base_config": self.base.config_dict()}
+                **options, "base_config": self.base.config_dict()}

@@ -4,7 +4,7 @@
 WikiText-2 test text (``../wikitext2/test.txt``): a sentence's first words are the
 context, its remaining words the true ending; three distractor endings are the endings of
 other sentences. The gold index cycles 0..3. Rebuild (byte-identical) with
-``python streamprune/data/lmeval/utils.py``.
+``python streamprune/data/lmeval/wikicloze.py``.
 
 Tasks (YAML files beside this one; pass this folder to lm-eval's ``--include_path``):
 ``streamprune_wikicloze`` (multiple choice, acc / acc_norm: log-likelihood of each ending)
