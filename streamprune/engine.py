@@ -148,7 +148,8 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
-                            method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen))
+                            method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
+                            host_workspace=method.host_workspace_bytes(shapes, cfg.nsamples, cfg.seqlen))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
     source = resolve_text_source(cfg.calib)
     run = RunDir(cfg.run_dir)

@@ -65,17 +65,17 @@ def device_peak(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int
 
 def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seqlen: int, chunk_rows: int,
              dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
-             method_flop: float = 0.0) -> Forecast:
+             method_flop: float = 0.0, host_workspace: int = 0) -> Forecast:
     itemsize = dtype.itemsize
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
     host_layer = _layer_bytes(shapes.dense_spec(), 4)  # tensors as read (storage dtype <= fp32)
     # Process baseline now (interpreter, torch, transformers), plus 10 % + 128 MiB for what
     # is loaded later (tokenizer, calibration text, allocator slack), two host copies of a
-    # layer (read + prefetch) and, on CPU, the device working set.
+    # layer (read + prefetch), the method's host workspace and, on CPU, the device working set.
     base = rss_bytes()
     slack = base // 10 + (128 << 20)
     work = dev if device.type == "cpu" else 2 * chunk_rows * seqlen * shapes.hidden_size * itemsize
-    cpu = base + slack + 2 * host_layer + work
+    cpu = base + slack + 2 * host_layer + work + host_workspace
     boundary = nsamples * seqlen * shapes.hidden_size * itemsize
     output = shapes.total_params(specs) * 4
     disk = output + 2 * boundary + (boundary if survey else 0)

@@ -300,7 +300,8 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     _, shapes, method, specs = plan(cfg)
     n_val = min(E2E_OPTS["recon_val_rows"], 16 // 4)
     train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
-    want = sum(2 * train * (6 * s.num_params() + 2 * dense) + 3 * val * 2 * (s.num_params() + dense) for s in specs)
+    want = sum(16 * 32 * 2 * dense + 2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)
     assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
+    assert method.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
     off = prune(replace(cfg, method_options={**E2E_OPTS, "recon": False}))
     assert off["method_tflop"] == 0 and off["method_s"] == 0

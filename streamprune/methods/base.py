@@ -148,6 +148,10 @@ class Method:
         (preflight). Default: four fp32 d x max(d, f) matrices (an SVD's U, S, V, copy)."""
         return 4 * 4 * shapes.hidden_size * max(shapes.hidden_size, shapes.intermediate_size)
 
+    def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
+        """Forecast of host memory the method keeps across a layer's passes (preflight). Default 0."""
+        return 0
+
     def config_dict(self) -> dict:
         """What the run fingerprint records of the method (a changed value refuses resume)."""
         from dataclasses import asdict

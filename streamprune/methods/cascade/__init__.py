@@ -43,7 +43,7 @@ from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
 
-CASCADE_CONFIG_VERSION = 1
+CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
 BASES = ("olica", "lorap", "slimllm")
 
 
@@ -200,17 +200,22 @@ class Cascade(Method):
         return max(base, recon_workspace_bytes(shapes, largest, self.config.recon_batch_tokens))
 
     def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
-        """Reconstruction: per epoch, training tokens through the pruned layer forward and
-        backward (6 FLOP/param) and the dense target (2 FLOP/param); held-out tokens forward
-        through both before the first epoch and after each (matmul FLOPs only)."""
+        """Reconstruction (matmul FLOPs): the dense target once per calibration token (2
+        FLOP/param); per epoch, training tokens through the pruned layer forward and backward
+        (6 FLOP/param); held-out tokens forward through it before the first epoch and after each."""
         if not self.needs_reconstruction:
             return 0.0
         cfg = self.config
         n_val = min(cfg.recon_val_rows, nsamples // 4)
         train, val = (nsamples - n_val) * seqlen, n_val * seqlen
         dense = shapes.dense_spec().num_params()
-        return float(sum(cfg.recon_epochs * train * (6 * s.num_params() + 2 * dense)
-                         + (cfg.recon_epochs + 1) * val * 2 * (s.num_params() + dense) for s in specs))
+        return float(sum(nsamples * seqlen * 2 * dense + cfg.recon_epochs * train * 6 * s.num_params()
+                         + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
+
+    def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
+        """The dense layer's outputs on the calibration set, kept on the host across epochs
+        (at most fp32)."""
+        return nsamples * seqlen * shapes.hidden_size * 4 if self.needs_reconstruction else 0
 
     def config_dict(self) -> dict:
         options = asdict(self.config)

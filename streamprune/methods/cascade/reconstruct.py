@@ -20,6 +20,10 @@ Deterministic: batch order comes from a ``torch.Generator`` seeded with ``seed``
 index), the data order is the cache's chunk order, and the arithmetic is plain fp32 torch, so
 a resumed run reproduces the same weights bit for bit on one device type.
 
+Cost: the dense layer runs once per calibration token (its outputs are kept on the host,
+``rows × seqlen × d`` in the layer's dtype, for every epoch and validation); the pruned layer
+runs forward and backward once per training token and epoch.
+
 Pure with respect to files: the caller passes ``chunks`` (a function returning an iterator over
 the cached hidden-state chunks, ``(rows, T, d)`` each, or ``(x, target)`` pairs when the target
 is not the dense layer's output on ``x`` — e.g. the dense model's own stream) and the two layers.
@@ -80,12 +84,19 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     def fit(x: Tensor) -> Tensor:
         return pruned(x.float(), pe32)
 
-    def target_of(x: Tensor, given: Tensor | None) -> Tensor:
-        return (dense(x, pe) if given is None else given).float()
+    memo: list[Tensor] = []  # the dense layer's output per chunk, computed once (host, as the layer computes it)
 
-    def pairs() -> Iterator[tuple[Tensor, Tensor | None]]:
-        for item in chunks():
-            yield item if isinstance(item, tuple) else (item, None)
+    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        """(input, target) per chunk; a target the caller did not give is the dense layer's
+        output on the input, computed on the first pass and kept on the host for the rest."""
+        for j, item in enumerate(chunks()):
+            if isinstance(item, tuple):
+                yield item
+                continue
+            if j == len(memo):
+                with torch.no_grad():
+                    memo.append(dense(item, pe).to("cpu"))
+            yield item, memo[j].to(item.device)
 
     n_val = min(settings.val_rows, n_rows // 4)
     n_train = n_rows - n_val
@@ -101,10 +112,10 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
             start = 0
             for x, t in pairs():
                 _, xv = _split(x, start, n_train)
-                tv = None if t is None else _split(t, start, n_train)[1]
+                _, tv = _split(t, start, n_train)
                 start += x.shape[0]
                 if xv.shape[0]:
-                    total += float(recon_loss(fit(xv), target_of(xv, tv), settings.loss)) * xv.shape[0]
+                    total += float(recon_loss(fit(xv), tv.float(), settings.loss)) * xv.shape[0]
                     count += xv.shape[0]
         return total / max(count, 1)
 
@@ -115,12 +126,10 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
         start = 0
         for x, t in pairs():
             xt, _ = _split(x, start, n_train)
-            tt = None if t is None else _split(t, start, n_train)[0]
+            target = _split(t, start, n_train)[0].float()
             start += x.shape[0]
             if not xt.shape[0]:
                 continue
-            with torch.no_grad():
-                target = target_of(xt, tt)
             order = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
             rows = max(1, settings.batch_tokens // xt.shape[1])
             for b in range(0, xt.shape[0], rows):
