@@ -18,6 +18,9 @@ Components (each one ``--option``, for the ablation):
 - ``allocation``: ``uniform`` (the base's equal FFN cut per layer) or ``measured``: the survey
   measures each layer's error curve of cutting its FFN (:mod:`.allocation`) and the same total
   number of channels is handed out where it costs least (``alloc_max_frac`` caps one layer).
+- ``attn_scale``: the share of Olica's attention cut (sr_allocation's s_qk, s_vo) that is
+  taken; the FFNs take the rest of the same total (0 = attention dense, 1 = the paper's split,
+  above 1 = more from attention). Measured on the demo model (RESULTS "cascade").
 - ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
   ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``).
 
