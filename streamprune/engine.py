@@ -148,6 +148,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
+                            dense_stream=method.needs_dense_stream,
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
                             host_workspace=method.host_workspace_bytes(shapes, cfg.nsamples, cfg.seqlen))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
@@ -192,12 +193,17 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
     start = max(committed) + 1 if committed else 0
+    # The dense model's own stream, next to the pruned one, for methods that fit to it.
+    dense_cache = ActivationCache(cache.root / "dense") if method.needs_dense_stream else None
+    streams = [c for c in (dense_cache, cache) if c is not None]  # the pruned stream last: its marker says "both"
     if start == 0 and not cache.is_complete(0):
         tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
         with disk_errors("the calibration activations", run):
-            embed_to_boundary(cache, tokens, embed, chunk_rows, dtype)
-    if not ranks.all_true(start == shapes.num_layers or cache.is_complete(start)):
-        raise StreamPruneError(f"activation boundary {start} is missing from {cache.root}; rerun with --fresh")
+            for c in streams:
+                embed_to_boundary(c, tokens, embed, chunk_rows, dtype)
+    for c in streams:
+        if not ranks.all_true(start == shapes.num_layers or c.is_complete(start)):
+            raise StreamPruneError(f"activation boundary {start} is missing from {c.root}; rerun with --fresh")
     out_specs = [None] * shapes.num_layers
     for i, rec in committed.items():
         out_specs[i] = LayerSpec.from_dict(rec["spec"])
@@ -232,9 +238,16 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                     ranks.reduce_observer(obs_b)
                 with prof.phase("decide"):
                     decision = method.refine(i, decision, obs_b)
+            if dense_cache is not None:
+                with prof.phase("forward"), disk_errors(f"layer {i}'s dense-stream activations", run):
+                    propagate(dense, dense_cache, i, pe, device)
             if method.needs_reconstruction:
                 with prof.phase("reconstruct"):
-                    data = LayerData(dense=dense, chunks=lambda: cache.read(i, device), pe=pe, rows=cfg.nsamples,
+                    if dense_cache is None:
+                        chunks = lambda: cache.read(i, device)  # noqa: E731
+                    else:  # (pruned-stream input, dense-stream output) pairs, chunk by chunk
+                        chunks = lambda: zip(cache.read(i, device), dense_cache.read(i + 1, device))  # noqa: E731
+                    data = LayerData(dense=dense, chunks=chunks, pe=pe, rows=cfg.nsamples,
                                      build=lambda spec, t, dt: adapter.build_pruned_layer(i, spec, t, device, dt))
                     decision = method.reconstruct(i, decision, data)
                     crash_point(f"reconstructed:{i}")
@@ -255,6 +268,8 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                 crash_point(f"committed:{i}")
                 ranks.barrier()  # the commit is durable before any rank drops its boundary i
                 cache.drop(i)
+                if dense_cache is not None:
+                    dense_cache.drop(i)
             out_specs[i] = decision.spec
             del weights, dense, pruned, decision
             done_s.append(time.perf_counter() - prof.start)

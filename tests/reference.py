@@ -39,9 +39,10 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
                 h = layer(h, pe)
             results.append(method.survey_result(i, obs))
         method.plan(shapes, survey=results)
-    decisions = []
+    decisions, dense_hidden = [], hidden
     for i, hf_layer in enumerate(model.model.layers):
         layer = DecoderLayer(hf_layer, i)
+        dense_out = layer(dense_hidden, pe) if method.needs_dense_stream else None
         weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
         obs = method.observer(i, "A", weights)
         with observing(layer, obs):
@@ -59,11 +60,16 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
             decision = method.refine(i, decision, obs_b)
         if method.needs_reconstruction:
             rows = chunk_rows or hidden.shape[0]
-            data = LayerData(dense=layer, chunks=lambda h=hidden: iter(h.split(rows)), pe=pe, rows=hidden.shape[0],
+            if dense_out is None:
+                chunks = lambda h=hidden: iter(h.split(rows))  # noqa: E731
+            else:
+                chunks = lambda h=hidden, t=dense_out: zip(h.split(rows), t.split(rows))  # noqa: E731
+            data = LayerData(dense=layer, chunks=chunks, pe=pe, rows=hidden.shape[0],
                              build=lambda spec, t, dt, i=i: adapter.build_pruned_layer(i, spec, t, "cpu", dt))
             decision = method.reconstruct(i, decision, data)
         pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
         hidden = pruned(hidden, pe)
+        dense_hidden = dense_out
         decisions.append(decision)
     return decisions
 

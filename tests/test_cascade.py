@@ -33,7 +33,7 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
-                                {"attn_scale": -0.1}, {"attn_scale": 2.5}])
+                                {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
@@ -162,17 +162,18 @@ def test_recon_loss_rms_is_scale_free():
 # ---- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cascade_run(tiny_llama, tmp_path_factory):
+@pytest.fixture(scope="module", params=["dense_stream", "dense_layer"])
+def cascade_run(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade") / "out"
-    cfg = PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=E2E_OPTS, **E2E)
+    opts = {**E2E_OPTS, "recon_target": request.param}
+    cfg = PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E)
     report = prune(replace(cfg, keep_work=True))
     return cfg, report
 
 
 def test_e2e_streamed_equals_in_memory(cascade_run, tiny_llama):
     cfg, report = cascade_run
-    method = build_method("cascade", 0.3, E2E_OPTS)
+    method = build_method("cascade", 0.3, cfg.method_options)
     decisions = prune_in_memory(tiny_llama, method, _e2e_tokens(tiny_llama), chunk_rows=5)
     assert _specs_of(cfg.out) == [d.spec for d in decisions]
     streamed = _output_tensors(cfg.out)
@@ -302,6 +303,11 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
     want = sum(16 * 32 * 2 * dense + 2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)
     assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
-    assert method.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
+    assert method.host_workspace_bytes(shapes, 16, 32) == 0  # targets come from the dense stream on disk
+    layer_target = build_method("cascade", 0.3, {**E2E_OPTS, "recon_target": "dense_layer"})
+    assert layer_target.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
     off = prune(replace(cfg, method_options={**E2E_OPTS, "recon": False}))
     assert off["method_tflop"] == 0 and off["method_s"] == 0
+    # the dense stream is two more activation boundaries on disk (rows × seqlen × d each)
+    local = prune(replace(cfg, method_options={**E2E_OPTS, "recon_target": "dense_layer"}))
+    assert fc["disk_bytes"] - local["disk_bytes"] == 2 * 16 * 32 * shapes.hidden_size * 4

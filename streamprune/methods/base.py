@@ -78,7 +78,9 @@ class LayerData:
     """What the engine lends a method's ``reconstruct``: the layer's calibration inputs and layers.
 
     ``chunks()`` iterates the cached hidden states entering the layer (the pruned stream), in
-    the cache's fixed order, ``(rows, seqlen, d)`` each on the device; ``dense`` is the source
+    the cache's fixed order, ``(rows, seqlen, d)`` each on the device — or, for a method with
+    ``needs_dense_stream``, ``(input, target)`` pairs, ``target`` the dense model's own hidden
+    states leaving the layer for the same rows; ``dense`` is the source
     layer (callable ``(hidden, pe)``); ``build(spec, tensors, dtype)`` materialises a pruned
     layer (our modeling class) whose ``tensors()`` are keyed by the decision's tensor names."""
 
@@ -102,6 +104,9 @@ class Method:
     # After refine: ``reconstruct(i, decision, LayerData)`` may change the tensors' values
     # (never the spec) using the layer's calibration inputs, before they are propagated.
     needs_reconstruction: bool = False
+    # The engine also streams the dense model's own hidden states (a second activation
+    # stream, on disk like the first); ``reconstruct`` then gets (input, dense output) pairs.
+    needs_dense_stream: bool = False
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
 

@@ -4,7 +4,7 @@ reconstruction of every pruned layer by gradient on the streamed calibration act
 Why: a least-squares refit of ``o_proj``/``down_proj`` alone gains little on SwiGLU models
 (issue 8: the kept channels cannot stand in for the dropped ones *linearly*). Fitting every
 kept weight of the pruned layer — Q/K factors, V/O, gate/up/down, norms — to the dense
-layer's output on the same (pruned-stream) input is the non-linear version of that refit
+model's hidden states, from the pruned-stream input, is the non-linear version of that refit
 (see :mod:`.reconstruct`). It runs layer by layer inside the streaming loop, between the
 decision and the propagation, so layer ``i + 1`` sees the reconstructed layer ``i``'s
 output: errors are corrected where they arise, never the whole model in memory.
@@ -22,7 +22,11 @@ Components (each one ``--option``, for the ablation):
   taken; the FFNs take the rest of the same total (0 = attention dense, 1 = the paper's split,
   above 1 = more from attention). Measured on the demo model (RESULTS "cascade").
 - ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
-  ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``).
+  ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
+  ``recon_target``: ``dense_stream`` (default: the dense model's own hidden states leaving
+  the layer, streamed by the engine next to the pruned ones, so every layer also corrects
+  the error its pruned input already carries) or ``dense_layer`` (the dense layer on the same
+  pruned input: each layer only undoes its own pruning).
 
 Contracts: the structure, hence the achieved ratio and the layer specs, is exactly the base
 method's (±1 pp); reconstruction changes values, never shapes. Deterministic (seeded by the
@@ -60,6 +64,10 @@ class CascadeConfig:
     recon_batch_tokens: int = 1024  # tokens per Adam step (whole sequences, at least one)
     recon_val_rows: int = 32
     recon_loss: str = "rms"
+    # What a pruned layer is fitted to: "dense_stream" (the dense model's own hidden states
+    # leaving the layer, so each layer also corrects the error the pruned layers before it
+    # left in its input) or "dense_layer" (the dense layer applied to the same pruned input).
+    recon_target: str = "dense_stream"
     allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
@@ -85,6 +93,8 @@ class CascadeConfig:
             raise bad("recon_batch_tokens", "an int >= 1")
         if not is_int(self.recon_val_rows) or self.recon_val_rows < 0:
             raise bad("recon_val_rows", "an int >= 0")
+        if self.recon_target not in ("dense_stream", "dense_layer"):
+            raise bad("recon_target", "'dense_stream' or 'dense_layer'")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
         if self.allocation not in ("uniform", "measured"):
@@ -132,6 +142,7 @@ class Cascade(Method):
         self.needs_pass_b = self.base.needs_pass_b
         self.pass_b_layer = self.base.pass_b_layer
         self.needs_reconstruction = config.recon and config.recon_epochs > 0
+        self.needs_dense_stream = self.needs_reconstruction and config.recon_target == "dense_stream"
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         self.base.plan(shapes, survey)
@@ -204,7 +215,7 @@ class Cascade(Method):
 
     def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
         """Reconstruction (matmul FLOPs): the dense target once per calibration token (2
-        FLOP/param); per epoch, training tokens through the pruned layer forward and backward
+        FLOP/param: the dense layer on the pruned input, or the dense stream's own step); per epoch, training tokens through the pruned layer forward and backward
         (6 FLOP/param); held-out tokens forward through it before the first epoch and after each."""
         if not self.needs_reconstruction:
             return 0.0
@@ -216,9 +227,10 @@ class Cascade(Method):
                          + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
 
     def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
-        """The dense layer's outputs on the calibration set, kept on the host across epochs
-        (at most fp32)."""
-        return nsamples * seqlen * shapes.hidden_size * 4 if self.needs_reconstruction else 0
+        """``recon_target="dense_layer"``: the dense layer's outputs on the calibration set, kept
+        on the host across epochs (at most fp32)."""
+        keeps = self.needs_reconstruction and not self.needs_dense_stream  # the dense stream is read from disk instead
+        return nsamples * seqlen * shapes.hidden_size * 4 if keeps else 0
 
     def config_dict(self) -> dict:
         options = asdict(self.config)
