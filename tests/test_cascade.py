@@ -303,11 +303,11 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
     want = sum(16 * 32 * 2 * dense + 2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)
     assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
-    assert method.host_workspace_bytes(shapes, 16, 32) == 0  # targets come from the dense stream on disk
-    layer_target = build_method("cascade", 0.3, {**E2E_OPTS, "recon_target": "dense_layer"})
-    assert layer_target.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
+    assert method.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
+    stream_target = build_method("cascade", 0.3, {**E2E_OPTS, "recon_target": "dense_stream"})
+    assert stream_target.host_workspace_bytes(shapes, 16, 32) == 0  # targets come from the dense stream on disk
     off = prune(replace(cfg, method_options={**E2E_OPTS, "recon": False}))
     assert off["method_tflop"] == 0 and off["method_s"] == 0
     # the dense stream is two more activation boundaries on disk (rows × seqlen × d each)
-    local = prune(replace(cfg, method_options={**E2E_OPTS, "recon_target": "dense_layer"}))
-    assert fc["disk_bytes"] - local["disk_bytes"] == 2 * 16 * 32 * shapes.hidden_size * 4
+    stream = prune(replace(cfg, method_options={**E2E_OPTS, "recon_target": "dense_stream"}))
+    assert stream["disk_bytes"] - fc["disk_bytes"] == 2 * 16 * 32 * shapes.hidden_size * 4
