@@ -68,6 +68,9 @@ def run_dir_for(out: Path, work_dir: Path | None) -> Path:
 
 
 def read_holder(path: Path) -> dict:
+    """The holder facts written into a lock file, for messages only. A file that cannot be read
+    or is half-written (its holder is between ``open`` and ``pwrite``) gives ``{}``, which the
+    message names "another process (starting up)": the lock itself, not this text, decides."""
     try:
         return json.loads(Path(path).read_text() or "{}")
     except (OSError, ValueError):

@@ -109,19 +109,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,breaker,extra,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_actionable_line(tiny_llama, tmp_path, capsys, monkeypatch, name, breaker, extra, expected):
-    if name == "cuda unavailable":
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+def prune_broken_copy(src, tmp_path, capsys, breaker, extra, expected) -> Path:
+    """Prune a copy of ``src`` broken by ``breaker``: it must fail with one ``streamprune:
+    error:`` line that contains ``expected``. Returns the ``--out`` path it was given."""
     model = tmp_path / "model"
-    shutil.copytree(tiny_llama, model)
+    shutil.copytree(src, model)
     breaker(model)
     out = tmp_path / "out"
     code = main(["prune", str(model), "--out", str(out), "--method", "magnitude", "--ratio", "0.2", *ARGS, *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and err[0].startswith("streamprune: error:"), err
-    assert expected in err[0]
+    assert expected in err[0], err[0]
+    return out
+
+
+@pytest.mark.parametrize("name,breaker,extra,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_actionable_line(tiny_llama, tmp_path, capsys, monkeypatch, name, breaker, extra, expected):
+    if name == "cuda unavailable":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = prune_broken_copy(tiny_llama, tmp_path, capsys, breaker, extra, expected)
     assert not out.exists()  # nothing half-written visible
 
 

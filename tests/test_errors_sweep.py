@@ -18,7 +18,7 @@ import pytest
 
 from streamprune.cli import main
 
-from test_errors import ARGS, _first_shard
+from test_errors import ARGS, _first_shard, prune_broken_copy
 
 
 def set_config(**values):
@@ -101,15 +101,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,breaker,extra,expected", CASES, ids=[c[0] for c in CASES])
 def test_broken_source_is_one_actionable_line(tiny_llama, tmp_path, capsys, name, breaker, extra, expected):
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama, model)
-    breaker(model)
-    out = tmp_path / "out"
-    code = main(["prune", str(model), "--out", str(out), "--method", "magnitude", "--ratio", "0.2", *ARGS, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0
-    assert len(err) == 1 and err[0].startswith("streamprune: error:"), err
-    assert expected in err[0], err[0]
+    out = prune_broken_copy(tiny_llama, tmp_path, capsys, breaker, extra, expected)
     assert not out.exists() and not (tmp_path / "out.work").exists()  # nothing written, not even a lock
 
 
