@@ -28,6 +28,7 @@ p.add_argument("--windows", type=int, default=200)
 p.add_argument("--val", type=int, default=32)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--target", default="local")
+p.add_argument("--schedule", default="constant", help="learning rate: constant or cosine")
 p.add_argument("--tag", default="")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -41,7 +42,7 @@ emb = outer["model.embed_tokens.weight"].float(); normw = outer["model.norm.weig
 pe = position_embeddings(dense_ad.rotary("cpu"), 128, "cpu", torch.float32)
 X = F.embedding(calib, emb); Xd = X.clone()
 layers, t0 = [], time.time()
-S = ReconSettings(epochs=a.epochs, lr=a.lr, batch_tokens=a.bs*128, val_rows=a.val, loss=a.loss)
+S = ReconSettings(epochs=a.epochs, lr=a.lr, batch_tokens=a.bs*128, val_rows=a.val, loss=a.loss, schedule=a.schedule)
 with torch.no_grad():
   for l in range(dense_ad.num_layers):
     D = dense_ad.build_layer(l, dense_ad.read_layer(l), "cpu", torch.float32)

@@ -33,7 +33,8 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
-                                {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"}])
+                                {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"},
+                                {"recon_schedule": "linear"}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
@@ -151,6 +152,32 @@ def test_reconstruction_is_deterministic(tiny_llama):
         reconstruct_layer(pruned, dense, lambda: iter(x.split(8)), pe, 24, ReconSettings(epochs=2, lr=1e-3, batch_tokens=64, val_rows=6), seed=3)
         states.append(pruned.tensors())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_reconstruction_learning_rate_schedule(tiny_llama, monkeypatch, schedule):
+    """Every Adam step runs at the schedule's rate for the training rows seen before it:
+    constant, or cosine from ``lr`` to 0 over all epochs (by rows, so chunk sizes do not matter)."""
+    import streamprune.methods.cascade.reconstruct as rec
+
+    seen_lrs = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            seen_lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(rec.torch.optim, "Adam", Recording)
+    dense, pruned, x, pe = _layer_pair(tiny_llama, noise=0.3)
+    lr, epochs = 1e-3, 3
+    r = reconstruct_layer(pruned, dense, lambda: iter(x.split(8)), pe, 24,
+                          ReconSettings(epochs=epochs, lr=lr, batch_tokens=64, val_rows=6, schedule=schedule), seed=0)
+    # 18 training rows in 8-row chunks (8, 8, 2) and 4-row batches: 4, 4, 4, 4, 2 rows per epoch
+    rows = [4, 4, 4, 4, 2] * epochs
+    seen = [sum(rows[:i]) for i in range(len(rows))]
+    want = [lr] * len(rows) if schedule == "constant" else [lr * 0.5 * (1 + math.cos(math.pi * s / (epochs * 18))) for s in seen]
+    assert r.steps == len(rows) and seen_lrs == pytest.approx(want, rel=1e-12, abs=0)
+    assert r.val_after < r.val_before
 
 
 def test_recon_loss_rms_is_scale_free():

@@ -151,8 +151,8 @@ def _units(rank: int, world: int, init: str, source: str, out: str) -> None:
     from streamprune import distributed as D
     from streamprune.errors import ConfigError, StreamPruneError
     from streamprune.methods.base import Decision
-    from streamprune.methods.olica_observers import PassAObserver
-    from streamprune.methods.slimllm_observers import FFNObserver, SurveyObserver
+    from streamprune.methods.olica.observers import PassAObserver
+    from streamprune.methods.slimllm.observers import FFNObserver, SurveyObserver
     from streamprune.spec import LayerSpec
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

@@ -47,8 +47,8 @@ from streamprune.methods.olica import (
     linear_calibration,
     pruned_channels,
 )
-from streamprune.methods.olica_attention import exact_ond_transform, fast_ond_rotation
-from streamprune.methods.olica_budget import awsvd_rank, budget_split, pick_lc_layers, sr_allocation
+from streamprune.methods.olica.attention import exact_ond_transform, fast_ond_rotation
+from streamprune.methods.olica.budget import awsvd_rank, budget_split, pick_lc_layers, sr_allocation
 from streamprune.shapes import ModelShapes
 from streamprune.spec import LayerSpec
 from streamprune.textdata import calibration_windows, resolve_text_source

@@ -1,4 +1,4 @@
-"""SlimLLM (``streamprune/methods/slimllm*.py``): ratios, heads from moments, regressions, engine.
+"""SlimLLM (``streamprune/methods/slimllm/``): ratios, heads from moments, regressions, engine.
 
 Run: ``. .venv/bin/activate && python -m pytest tests/test_slimllm.py -q`` (about a minute on
 2 cores; the unit tests alone take a few seconds: ``-k "not end_to_end and not resume"``).
@@ -20,9 +20,9 @@ from streamprune.adapters import open_model
 from streamprune.errors import ConfigError, RatioError
 from streamprune.methods import build_method
 from streamprune.methods.slimllm import SlimLLM, SlimLLMConfig, ffn_fit, ffn_scores
-from streamprune.methods.slimllm_budget import clamp_redistribute, heads_to_prune, layer_ratios
-from streamprune.methods.slimllm_heads import HeadMoments, fold_regression, head_pools, head_scores, linear_fit, select_heads
-from streamprune.methods.slimllm_observers import HeadObserver
+from streamprune.methods.slimllm.budget import clamp_redistribute, heads_to_prune, layer_ratios
+from streamprune.methods.slimllm.heads import HeadMoments, fold_regression, head_pools, head_scores, linear_fit, select_heads
+from streamprune.methods.slimllm.observers import HeadObserver
 from streamprune.shapes import ModelShapes
 from streamprune.textdata import calibration_windows, resolve_text_source
 from test_resume import digests

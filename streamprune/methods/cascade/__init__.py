@@ -22,7 +22,8 @@ Components (each one ``--option``, for the ablation):
   taken; the FFNs take the rest of the same total (0 = attention dense, 1 = the paper's split,
   above 1 = more from attention). Measured on the demo model (RESULTS "cascade").
 - ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
-  ``recon_val_rows``, ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
+  ``recon_val_rows``, ``recon_schedule`` (``constant`` or ``cosine`` decay to 0 over the
+  epochs), ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
   ``recon_target``: ``dense_layer`` (default: the dense layer on the same pruned input, each
   layer undoes its own pruning) or ``dense_stream`` (the dense model's own hidden states
   leaving the layer, streamed by the engine next to the pruned ones, so every layer also
@@ -64,6 +65,7 @@ class CascadeConfig:
     recon_batch_tokens: int = 1024  # tokens per Adam step (whole sequences, at least one)
     recon_val_rows: int = 32
     recon_loss: str = "rms"
+    recon_schedule: str = "constant"  # learning rate over the epochs: "constant" or "cosine" (decays to 0)
     # What a pruned layer is fitted to: "dense_layer" (the dense layer applied to the same
     # pruned input) or "dense_stream" (the dense model's own hidden states leaving the layer,
     # so each layer also corrects the error the layers before it left in its input; measured
@@ -96,6 +98,8 @@ class CascadeConfig:
             raise bad("recon_val_rows", "an int >= 0")
         if self.recon_target not in ("dense_stream", "dense_layer"):
             raise bad("recon_target", "'dense_stream' or 'dense_layer'")
+        if self.recon_schedule not in ("constant", "cosine"):
+            raise bad("recon_schedule", "'constant' or 'cosine'")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
         if self.allocation not in ("uniform", "measured"):
@@ -111,7 +115,8 @@ class CascadeConfig:
 
     def settings(self) -> ReconSettings:
         return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_tokens=self.recon_batch_tokens,
-                             val_rows=self.recon_val_rows, loss=self.recon_loss)
+                             val_rows=self.recon_val_rows, loss=self.recon_loss,
+                              schedule=self.recon_schedule)
 
 
 def recon_workspace_bytes(shapes: ModelShapes, layer_params: int, batch_tokens: int) -> int:
@@ -235,7 +240,8 @@ class Cascade(Method):
 
     def config_dict(self) -> dict:
         options = asdict(self.config)
-        if options["attn_scale"] == 1.0:  # added later: runs at its default keep their fingerprints
-            del options["attn_scale"]
+        for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant")):
+            if options[key] == default:  # added later: runs at their defaults keep their fingerprints
+                del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
                 **options, "base_config": self.base.config_dict()}

@@ -46,6 +46,7 @@ class ReconSettings:
     batch_tokens: int = 1024  # tokens per Adam step, as whole sequences (at least one)
     val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
+    schedule: str = "constant"  # learning rate: "constant" or "cosine" (lr → 0 over all epochs' training rows)
 
 
 @dataclass
@@ -119,8 +120,15 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
                     count += xv.shape[0]
         return total / max(count, 1)
 
+    def lr_at(seen: int) -> float:
+        """The learning rate after ``seen`` training rows (cosine: by rows, so exact without
+        knowing the chunk layout in advance)."""
+        if settings.schedule == "constant":
+            return settings.lr
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * min(seen / max(settings.epochs * n_train, 1), 1.0)))
+
     best = validate() if n_val else math.inf
-    before, best_epoch, steps = best, 0, 0
+    before, best_epoch, steps, seen = best, 0, 0, 0
     best_state = snapshot(pruned)
     for epoch in range(1, settings.epochs + 1):
         start = 0
@@ -134,6 +142,9 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
             rows = max(1, settings.batch_tokens // xt.shape[1])
             for b in range(0, xt.shape[0], rows):
                 idx = order[b : b + rows]
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(seen)
+                seen += idx.numel()
                 with torch.enable_grad():
                     loss = recon_loss(fit(xt[idx]), target[idx], settings.loss)
                     opt.zero_grad(set_to_none=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..errors import RatioError
-from ..shapes import ModelShapes
-from ..spec import LayerSpec
+from ...errors import RatioError
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
 
 _MAX_S_MLP = 0.95
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import RatioError
-from ..shapes import ModelShapes
-from ..spec import LayerSpec
+from ...errors import RatioError
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
 
 _TOL = 0.01  # ratio contract: ±1 percentage point
 

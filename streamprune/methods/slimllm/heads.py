@@ -2,7 +2,7 @@
 
 Guo et al., ICML 2025 (arXiv 2505.22689), ``/work/shared/spec/ALGORITHMS.md`` ("SlimLLM"),
 generalised to grouped-query attention (:mod:`streamprune.methods.slimllm`, notes 4–7). Pass A
-(:class:`~streamprune.methods.slimllm_observers.HeadObserver`) reduces the per-head o_proj
+(:class:`~streamprune.methods.slimllm.observers.HeadObserver`) reduces the per-head o_proj
 contributions ``T_i = A_i Wo_iᵀ`` (tokens, d) to the moments ``M`` (d, H, H) and ``S`` (H, d);
 everything here works from those: the leave-one-out Pearson scores, the official greedy swap
 (each candidate O(d), a rank-2 update), and the per-output-dim linear regression

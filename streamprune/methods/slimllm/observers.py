@@ -1,7 +1,7 @@
 """What SlimLLM measures, pass by pass: the observers the engine feeds.
 
 SlimLLM (Guo et al., ICML 2025, arXiv 2505.22689); the numerics that consume these statistics
-are in :mod:`streamprune.methods.slimllm_heads` and :mod:`streamprune.methods.slimllm`. Each
+are in :mod:`streamprune.methods.slimllm.heads` and :mod:`streamprune.methods.slimllm`. Each
 observer receives ``update(tap, x_in, y_out)`` with (tokens, features) tensors in the activation
 dtype, one chunk at a time (see :mod:`streamprune.methods.base`), and accumulates on the
 activations' device.
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import NumericalError
-from ..kernels import Moments, energy
-from .slimllm_heads import HeadMoments
+from ...errors import NumericalError
+from ...kernels import Moments, energy
+from .heads import HeadMoments
 
 BLOCK_ELEMS = 1 << 24  # fp32 elements of one temporary block: head outputs (H, rows, d) here
 _BLOCK = 4096  # tokens cast to fp32 at a time

@@ -6,8 +6,8 @@ Fast-OND rotation + per-group value-dimension pruning, FFN channel pruning, and 
 Calibration (LC): a low-rank linear bypass fitted to the FFN's pruning residual on the
 ``mlp_num`` most linear layers.
 
-Files: this one (config, Linear Calibration, the method); ``olica_budget`` (ratio →
-knobs); ``olica_attention`` (Fast-OND, value scores); ``olica_observers`` (what each pass
+Files: this one (config, Linear Calibration, the method); ``.budget`` (ratio →
+knobs); ``.attention`` (Fast-OND, value scores); ``.observers`` (what each pass
 measures); the FFN channel score and selection are LoRAP's too (``channels``).
 
 Passes (see :mod:`streamprune.methods.base`):
@@ -71,15 +71,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import RatioError
-from ..kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, weighted_svd
-from ..shapes import ModelShapes
-from ..spec import LayerSpec
-from .base import Decision, Method
-from .channels import ffn_channel_scores, select_channels, slice_ffn
-from .olica_attention import exact_ond_transform, fast_ond_rotation, keep_lowest_dropped, slice_values, value_scores
-from .olica_budget import OlicaPlan, attention_knobs, budget_split, ffn_counts, layer_spec, pick_lc_layers
-from .olica_observers import LCObserver, PassAObserver, SurveyObserver
+from ...errors import RatioError
+from ...kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, weighted_svd
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
+from ..base import Decision, Method
+from ..channels import ffn_channel_scores, select_channels, slice_ffn
+from .attention import exact_ond_transform, fast_ond_rotation, keep_lowest_dropped, slice_values, value_scores
+from .budget import OlicaPlan, attention_knobs, budget_split, ffn_counts, layer_spec, pick_lc_layers
+from .observers import LCObserver, PassAObserver, SurveyObserver
 
 OLICA_CONFIG_VERSION = 1
 

@@ -5,9 +5,9 @@ grouped-query attention. Per-layer ratios from layer redundancy; attention heads
 Pearson similarity + greedy swap; FFN channels pruned by a PCA-weighted score; each part is
 followed by a per-output-dim linear regression folded into o_proj / down_proj (+ bias).
 
-Files: this one (config, the FFN score and regression, the method); ``slimllm_budget``
-(per-layer ratios, the knob solver); ``slimllm_heads`` (head scores, greedy swap, regression
-folding); ``slimllm_observers`` (what each pass measures); channel selection and slicing are
+Files: this one (config, the FFN score and regression, the method); ``.budget``
+(per-layer ratios, the knob solver); ``.heads`` (head scores, greedy swap, regression
+folding); ``.observers`` (what each pass measures); channel selection and slicing are
 shared with LoRAP and Olica (``channels``).
 
 Passes (see :mod:`streamprune.methods.base`):
@@ -67,14 +67,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..errors import NumericalError, RatioError
-from ..shapes import ModelShapes
-from ..spec import LayerSpec
-from .base import Decision, Method
-from .channels import ffn_channel_scores, select_channels, slice_ffn
-from .slimllm_budget import SlimLLMPlan, ffn_to_prune, heads_to_prune, solve_plan
-from .slimllm_heads import fold_regression, head_pools, linear_fit, select_heads, slice_heads
-from .slimllm_observers import BLOCK_ELEMS, FFNObserver, HeadObserver, SurveyObserver
+from ...errors import NumericalError, RatioError
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
+from ..base import Decision, Method
+from ..channels import ffn_channel_scores, select_channels, slice_ffn
+from .budget import SlimLLMPlan, ffn_to_prune, heads_to_prune, solve_plan
+from .heads import fold_regression, head_pools, linear_fit, select_heads, slice_heads
+from .observers import BLOCK_ELEMS, FFNObserver, HeadObserver, SurveyObserver
 
 SLIMLLM_CONFIG_VERSION = 1
 REGIMES = ((0.35, 10.0, 26 / 32), (1.0, 7.0, 30 / 32))  # (ratio up to, alpha, n_p): official scripts
