@@ -20,9 +20,11 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from streamprune import PruneConfig, load_pruned, prune
+from streamprune.modeling import modeling_streamprune as sp
+from streamprune.modeling.modeling_streamprune import DummyLayer  # transformers' own from 5.23, else the modeling file's
 from streamprune.modeling import StreamPruneConfig, StreamPruneForCausalLM
 from streamprune.spec import LayerSpec
 from test_modeling import PRUNED_SPECS, VOCAB, _dense_specs, _pruned_from, _source
@@ -30,6 +32,11 @@ from tiny import make_tiny_model
 
 RTOL = 1e-4
 MIXED = ["zero_heads_o_bias", "small_vhd_fewer_heads", "lowrank_qkvo_bias", "dropped_group_down_bias_bypass", "zero_heads_no_bias", "zero_ffn_down_bias_bypass"]
+
+
+def cache_of(out):
+    """The cache an output carries (``out.cache``; ``out.past_key_values`` before transformers renamed it)."""
+    return getattr(out, sp._CACHE_FIELD)
 
 
 def _mixed_model() -> StreamPruneForCausalLM:
@@ -78,11 +85,11 @@ def stepwise_logits(model, ids, prefill: int, attention_mask=None) -> torch.Tens
     """Prefill ``prefill`` tokens with a fresh cache, then one token per forward."""
     mask = None if attention_mask is None else attention_mask[:, :prefill]
     out = model(ids[:, :prefill], attention_mask=mask, use_cache=True)
-    cache, logits = out.cache, [out.logits]
+    cache, logits = cache_of(out), [out.logits]
     for t in range(prefill, ids.shape[1]):
         mask = None if attention_mask is None else attention_mask[:, : t + 1]
         out = model(ids[:, t : t + 1], attention_mask=mask, cache=cache, use_cache=True)
-        assert out.cache is cache
+        assert cache_of(out) is cache
         logits.append(out.logits)
     assert cache.get_seq_length() == ids.shape[1]
     return torch.cat(logits, dim=1)
@@ -111,16 +118,16 @@ def test_greedy_generation_with_cache_equals_without(kind):
     assert len(set(cached[0, 9:].tolist())) > 3  # a real continuation, not one token repeated
     # generate(..., use_cache=False) really runs without a cache; by default it has one
     out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert isinstance(out.cache, DynamicCache) and out.cache.get_seq_length() == 10
+    assert isinstance(cache_of(out), DynamicCache) and cache_of(out).get_seq_length() == 10
     out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True, use_cache=False)
-    assert out.cache is None
+    assert cache_of(out) is None
 
 
 def test_cache_layers_fit_each_layer():
     """Own KV head count and value head dim per layer; nothing stored for a layer without heads."""
     model = _mixed_model()
     with torch.no_grad():
-        cache = model(_ids(3, 5), use_cache=True).cache
+        cache = cache_of(model(_ids(3, 5), use_cache=True))
     assert cache.get_seq_length() == 5  # layer 0 has no attention: read from the first layer that has
     for layer, spec_name in zip(cache.layers, MIXED):
         s = PRUNED_SPECS[spec_name]
@@ -160,7 +167,7 @@ def test_past_key_values_and_a_continued_prompt(kind):
     prompt = _ids(2, 8, seed=3)
     first = _greedy(model, prompt, 5, return_dict_in_generate=True)
     follow = torch.cat([first.sequences, _ids(2, 4, seed=4)], dim=1)  # the user types more
-    again = _greedy(model, follow, 6, past_key_values=first.cache)
+    again = _greedy(model, follow, 6, past_key_values=cache_of(first))
     assert torch.equal(again, _greedy(model, follow, 6, use_cache=False))
     # a cache the user made without this model's config: its layers are fitted on first use
     user_cache = DynamicCache()
@@ -175,7 +182,7 @@ def test_model_without_attention_generates_without_a_cache():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-        assert model(_ids(1, 4), use_cache=True).cache is None
+        assert cache_of(model(_ids(1, 4), use_cache=True)) is None
     ids = _ids(1, 4)
     out = _greedy(model, ids, 5)
     seq = ids
@@ -221,7 +228,7 @@ def test_sliding_window_source_at_ratio_zero_gives_source_logits(arch):
     assert _rel(full, want) <= 1e-5
     assert _rel(stepwise_logits(model, ids, prefill=5), want) <= RTOL
     with torch.no_grad():
-        cache = model(ids, use_cache=True).cache
+        cache = cache_of(model(ids, use_cache=True))
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [DynamicSlidingWindowLayer if t == "sliding_attention" else DynamicLayer for t in want_types]
     prompt = ids[:, :10]

@@ -9,9 +9,11 @@ Per-layer shapes come from ``config.layer_specs`` (see ``configuration_streampru
 Parameter names under ``model.layers.{i}.`` equal ``LayerSpec.tensor_shapes()`` exactly
 (a test checks it).
 
-KV cache and masks follow ``LlamaModel`` of the installed transformers (written against
-the 5.x ``Cache`` API of transformers 5.24: ``cache=`` / deprecated ``past_key_values=``,
-``DynamicCache``, ``DummyLayer``; static caches are not supported):
+KV cache and masks follow ``LlamaModel`` of the installed transformers (the 5.x ``Cache``
+API: ``cache=`` / deprecated ``past_key_values=``, ``DynamicCache``, ``DummyLayer``; static
+caches are not supported). Tested on transformers 5.24 and 5.17 (the GPU image's): before
+5.23 ``DummyLayer`` is defined here, and the mask helpers' cache argument is
+``past_key_values`` instead of ``cache``:
 
 - Each layer caches its own keys (B, G_l, T, head_dim) and values (B, G_l, T, v_head_dim)
   in a ``DynamicCache`` (``DynamicLayer`` per layer, ``DynamicSlidingWindowLayer`` for a
@@ -32,6 +34,7 @@ the 5.x ``Cache`` API of transformers 5.24: ``cache=`` / deprecated ``past_key_v
   no cache) is plain causal attention over its input.
 """
 
+import inspect
 import math
 
 import torch
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -96,6 +99,42 @@ class StreamPruneRMSNorm(nn.Module):
 
 # transformers renamed the outputs' / forwards' ``past_key_values`` to ``cache`` in 5.x.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+try:
+    from transformers.cache_utils import DummyLayer  # transformers >= 5.23
+except ImportError:  # older 5.x: the same placeholder, here
+
+    class DummyLayer:
+        """A cache slot that stores nothing (a layer without attention heads). Not a
+        ``CacheLayerMixin``, so ``Cache.get_seq_length()`` of transformers < 5.23 skips it
+        and reads the first layer that caches keys, as ``DummyLayer`` does in 5.23+."""
+
+        supports_early_init = False
+        is_compileable = True
+        is_croppable = True
+        is_sliding = False
+
+        def __init__(self, **kwargs):
+            self.is_initialized = True
+            self.keys = None
+            self.values = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if key_states is None and value_states is None:
+                return None, None
+            raise NotImplementedError("a layer without attention heads caches nothing")
+
+        def offload(self): ...
+        def prefetch(self): ...
+        def reset(self): ...
+        def crop(self, tokens_to_remove: int): ...
+        def reorder_cache(self, beam_idx: torch.LongTensor): ...
+        def batch_repeat_interleave(self, repeats: int): ...
+        def batch_select_indices(self, indices: torch.Tensor): ...
+
+        def get_max_length(self):
+            return -1
 
 
 def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
@@ -327,8 +366,8 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: cache},
         )
         kinds = set(self.config.layer_types)
         masks = {}
