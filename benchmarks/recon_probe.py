@@ -55,7 +55,7 @@ with torch.no_grad():
     Xd = Yd
     if a.epochs:
         r = reconstruct_layer(P, D, ch, pe, X.shape[0], S, seed=l)
-        print(f"layer {l}: val {r.val_before:.4g} -> {r.val_after:.4g} ({r.val_after/r.val_before:.3f}) ep {r.best_epoch} t={time.time()-t0:.0f}s", flush=True)
+        print(f"layer {l}: val {r.val_before:.4g} -> {r.val_after:.4g} ({r.val_after/r.val_before:.3f}) ep {r.best_epoch} t={time.time()-t0:.0f}s curve {' '.join(f'{v/r.val_before:.3f}' for v in r.history)}", flush=True)
     X = torch.cat([P(x, pe) for x in X.split(64)])
     layers.append(P)
   ev = eval_windows(tok, resolve_text_source("wikitext2"), 128, a.windows)

@@ -135,6 +135,7 @@ def test_reconstruction_recovers_a_perturbed_layer(tiny_llama):
         after = float(recon_loss(pruned(x[-6:], pe), dense(x[-6:], pe), "rms"))
     assert r.val_before == pytest.approx(before, rel=1e-5) and r.val_after == pytest.approx(after, rel=1e-5)
     assert after < 0.5 * before and r.best_epoch > 0 and r.steps == 30 * 5  # 18 train rows, 8-row chunks, 4-row batches
+    assert len(r.history) == 31 and r.history[0] == r.val_before and min(r.history) == r.val_after == r.history[r.best_epoch]
 
 
 def test_reconstruction_never_returns_worse_weights(tiny_llama):

@@ -56,6 +56,7 @@ class ReconResult:
     val_after: float
     best_epoch: int  # 0 = the method's own weights were kept
     steps: int
+    history: tuple[float, ...] = ()  # held-out loss before the first epoch and after each
 
 
 def recon_loss(y: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -129,6 +130,7 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
 
     best = validate() if n_val else math.inf
     before, best_epoch, steps, seen = best, 0, 0, 0
+    history = [best]
     best_state = snapshot(pruned)
     for epoch in range(1, settings.epochs + 1):
         start = 0
@@ -152,6 +154,7 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
                     opt.step()
                 steps += 1
         val = validate() if n_val else -float(epoch)
+        history.append(val)
         if val < best:
             best, best_epoch = val, epoch
             best_state = snapshot(pruned)
@@ -160,4 +163,4 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     with torch.no_grad():
         for k, v in pruned.tensors().items():
             v.copy_(best_state[k])
-    return ReconResult(best_state, before, best, best_epoch, steps)
+    return ReconResult(best_state, before, best, best_epoch, steps, tuple(history))
