@@ -34,7 +34,7 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
                                 {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"},
-                                {"recon_schedule": "linear"}])
+                                {"recon_schedule": "linear"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
@@ -136,6 +136,19 @@ def test_reconstruction_recovers_a_perturbed_layer(tiny_llama):
     assert r.val_before == pytest.approx(before, rel=1e-5) and r.val_after == pytest.approx(after, rel=1e-5)
     assert after < 0.5 * before and r.best_epoch > 0 and r.steps == 30 * 5  # 18 train rows, 8-row chunks, 4-row batches
     assert len(r.history) == 31 and r.history[0] == r.val_before and min(r.history) == r.val_after == r.history[r.best_epoch]
+
+
+@pytest.mark.parametrize("min_gain", [0.05, 0.3])
+def test_reconstruction_stops_when_an_epoch_gains_too_little(tiny_llama, min_gain):
+    """``min_gain``: every epoch but the last lowered the held-out loss by at least
+    ``min_gain`` × the start; the last by less; no epoch after it ran."""
+    dense, pruned, x, pe = _layer_pair(tiny_llama, noise=0.3)
+    r = reconstruct_layer(pruned, dense, lambda: iter(x.split(8)), pe, 24,
+                          ReconSettings(epochs=30, lr=3e-3, batch_tokens=64, val_rows=6, min_gain=min_gain), seed=0)
+    gains = [a - b for a, b in zip(r.history, r.history[1:])]
+    assert 1 <= len(gains) < 30 and r.steps == 5 * len(gains)
+    assert all(g >= min_gain * r.val_before for g in gains[:-1]) and gains[-1] < min_gain * r.val_before
+    assert r.val_after == min(r.history) < r.val_before
 
 
 def test_reconstruction_never_returns_worse_weights(tiny_llama):

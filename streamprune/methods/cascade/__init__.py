@@ -23,7 +23,8 @@ Components (each one ``--option``, for the ablation):
   above 1 = more from attention). Measured on the demo model (RESULTS "cascade").
 - ``recon`` (default on), ``recon_epochs``, ``recon_lr``, ``recon_batch_tokens``,
   ``recon_val_rows``, ``recon_schedule`` (``constant`` or ``cosine`` decay to 0 over the
-  epochs), ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
+  epochs), ``recon_min_gain`` (a layer stops after an epoch that lowers its held-out error by
+  less than this fraction of its start), ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
   ``recon_target``: ``dense_layer`` (default: the dense layer on the same pruned input, each
   layer undoes its own pruning) or ``dense_stream`` (the dense model's own hidden states
   leaving the layer, streamed by the engine next to the pruned ones, so every layer also
@@ -66,6 +67,7 @@ class CascadeConfig:
     recon_val_rows: int = 32
     recon_loss: str = "rms"
     recon_schedule: str = "constant"  # learning rate over the epochs: "constant" or "cosine" (decays to 0)
+    recon_min_gain: float = 0.0  # stop a layer after an epoch that gains less than this fraction of its start
     # What a pruned layer is fitted to: "dense_layer" (the dense layer applied to the same
     # pruned input) or "dense_stream" (the dense model's own hidden states leaving the layer,
     # so each layer also corrects the error the layers before it left in its input; measured
@@ -98,6 +100,8 @@ class CascadeConfig:
             raise bad("recon_val_rows", "an int >= 0")
         if self.recon_target not in ("dense_stream", "dense_layer"):
             raise bad("recon_target", "'dense_stream' or 'dense_layer'")
+        if isinstance(self.recon_min_gain, bool) or not isinstance(self.recon_min_gain, (int, float)) or not 0 <= self.recon_min_gain < 1:
+            raise bad("recon_min_gain", "in [0, 1)")
         if self.recon_schedule not in ("constant", "cosine"):
             raise bad("recon_schedule", "'constant' or 'cosine'")
         if self.recon_loss not in ("rms", "mse"):
@@ -116,7 +120,7 @@ class CascadeConfig:
     def settings(self) -> ReconSettings:
         return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_tokens=self.recon_batch_tokens,
                              val_rows=self.recon_val_rows, loss=self.recon_loss,
-                              schedule=self.recon_schedule)
+                              schedule=self.recon_schedule, min_gain=float(self.recon_min_gain))
 
 
 def recon_workspace_bytes(shapes: ModelShapes, layer_params: int, batch_tokens: int) -> int:
@@ -222,7 +226,8 @@ class Cascade(Method):
     def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
         """Reconstruction (matmul FLOPs): the dense target once per calibration token (2
         FLOP/param: the dense layer on the pruned input, or the dense stream's own step); per epoch, training tokens through the pruned layer forward and backward
-        (6 FLOP/param); held-out tokens forward through it before the first epoch and after each."""
+        (6 FLOP/param); held-out tokens forward through it before the first epoch and after each
+        (every epoch: an upper bound when ``recon_min_gain`` stops layers early)."""
         if not self.needs_reconstruction:
             return 0.0
         cfg = self.config
@@ -240,7 +245,7 @@ class Cascade(Method):
 
     def config_dict(self) -> dict:
         options = asdict(self.config)
-        for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant")):
+        for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant"), ("recon_min_gain", 0.0)):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,

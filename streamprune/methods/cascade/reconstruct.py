@@ -14,7 +14,9 @@ non-linear version of a least-squares refit: gate and up move too.
 Guards: the last ``val_rows`` sequences are held out; their loss is measured before the first
 step and after every epoch, and the weights with the lowest held-out loss are returned (the
 method's own decision if no epoch beats it), so reconstruction never makes a layer worse on
-unseen calibration text.
+unseen calibration text. With ``min_gain`` > 0, a layer stops after the first epoch that
+lowers its held-out loss by less than ``min_gain`` × its starting loss (layers that barely
+move stop early; the ones still improving use every epoch).
 
 Deterministic: batch order comes from a ``torch.Generator`` seeded with ``seed`` (the layer
 index), the data order is the cache's chunk order, and the arithmetic is plain fp32 torch, so
@@ -47,6 +49,7 @@ class ReconSettings:
     val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (lr → 0 over all epochs' training rows)
+    min_gain: float = 0.0  # stop when an epoch lowers the held-out loss by less than this fraction of the start
 
 
 @dataclass
@@ -158,6 +161,8 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
         if val < best:
             best, best_epoch = val, epoch
             best_state = snapshot(pruned)
+        if settings.min_gain > 0 and n_val and history[-2] - val < settings.min_gain * before:
+            break  # this epoch gained too little: the later ones would gain less
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():
