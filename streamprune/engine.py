@@ -148,7 +148,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
-                            dense_stream=method.needs_dense_stream,
+                            dense_stream=method.needs_dense_stream, decision_stream=method.needs_decision_stream,
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
                             host_workspace=method.host_workspace_bytes(shapes, cfg.nsamples, cfg.seqlen))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
@@ -195,7 +195,10 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     start = max(committed) + 1 if committed else 0
     # The dense model's own stream, next to the pruned one, for methods that fit to it.
     dense_cache = ActivationCache(cache.root / "dense") if method.needs_dense_stream else None
-    streams = [c for c in (dense_cache, cache) if c is not None]  # the pruned stream last: its marker says "both"
+    # The pruned model before reconstruction, for methods that decide on it (passes A and B).
+    decision_cache = ActivationCache(cache.root / "decision") if method.needs_decision_stream else None
+    streams = [c for c in (dense_cache, decision_cache, cache) if c is not None]  # the pruned stream last: its marker says "all"
+    seen = decision_cache or cache  # what passes A and B observe
     if start == 0 and not cache.is_complete(0):
         tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
         with disk_errors("the calibration activations", run):
@@ -222,7 +225,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                 weight_bytes = nbytes(weights)
             with prof.phase("forward"):
                 obs = method.observer(i, "A", weights)
-                observe(dense, cache, i, pe, obs, device)
+                observe(dense, seen, i, pe, obs, device)
                 crash_point(f"observe:{i}")
             with prof.phase("sync"):  # sums over all ranks' shards (no-op in one process)
                 ranks.reduce_observer(obs)
@@ -233,7 +236,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                     obs_b = method.observer(i, "B", decision.tensors)
                     if obs_b is not None:
                         staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
-                        observe(staged, cache, i, pe, obs_b, device)
+                        observe(staged, seen, i, pe, obs_b, device)
                 with prof.phase("sync"):
                     ranks.reduce_observer(obs_b)
                 with prof.phase("decide"):
@@ -241,6 +244,9 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
             if dense_cache is not None:
                 with prof.phase("forward"), disk_errors(f"layer {i}'s dense-stream activations", run):
                     propagate(dense, dense_cache, i, pe, device)
+            if decision_cache is not None:  # the decision as taken, before reconstruction changes its values
+                with prof.phase("forward"), disk_errors(f"layer {i}'s decision-stream activations", run):
+                    propagate(adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype), decision_cache, i, pe, device)
             if method.needs_reconstruction:
                 with prof.phase("reconstruct"):
                     if dense_cache is None:
@@ -268,8 +274,9 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                 crash_point(f"committed:{i}")
                 ranks.barrier()  # the commit is durable before any rank drops its boundary i
                 cache.drop(i)
-                if dense_cache is not None:
-                    dense_cache.drop(i)
+                for c in (dense_cache, decision_cache):
+                    if c is not None:
+                        c.drop(i)
             out_specs[i] = decision.spec
             del weights, dense, pruned, decision
             done_s.append(time.perf_counter() - prof.start)

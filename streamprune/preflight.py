@@ -65,7 +65,8 @@ def device_peak(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int
 
 def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seqlen: int, chunk_rows: int,
              dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
-             method_flop: float = 0.0, host_workspace: int = 0, dense_stream: bool = False) -> Forecast:
+             method_flop: float = 0.0, host_workspace: int = 0, dense_stream: bool = False,
+             decision_stream: bool = False) -> Forecast:
     itemsize = dtype.itemsize
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
     host_layer = _layer_bytes(shapes.dense_spec(), 4)  # tensors as read (storage dtype <= fp32)
@@ -78,7 +79,8 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     cpu = base + slack + 2 * host_layer + work + host_workspace
     boundary = nsamples * seqlen * shapes.hidden_size * itemsize
     output = shapes.total_params(specs) * 4
-    disk = output + 2 * boundary + (boundary if survey else 0) + (2 * boundary if dense_stream else 0)
+    extra_streams = int(dense_stream) + int(decision_stream)  # two boundaries each, like the pruned stream
+    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams
     probe = work_dir
     while not probe.exists():
         probe = probe.parent

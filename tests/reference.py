@@ -39,14 +39,14 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
                 h = layer(h, pe)
             results.append(method.survey_result(i, obs))
         method.plan(shapes, survey=results)
-    decisions, dense_hidden = [], hidden
+    decisions, dense_hidden, seen = [], hidden, hidden  # seen: what passes A/B observe
     for i, hf_layer in enumerate(model.model.layers):
         layer = DecoderLayer(hf_layer, i)
         dense_out = layer(dense_hidden, pe) if method.needs_dense_stream else None
         weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
         obs = method.observer(i, "A", weights)
         with observing(layer, obs):
-            layer(hidden, pe)
+            layer(seen, pe)
         decision = method.decide(i, weights, obs)
         if method.needs_pass_b:
             obs_b = method.observer(i, "B", decision.tensors)
@@ -56,8 +56,10 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
                 else:
                     staged = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
                 with observing(staged, obs_b):
-                    staged(hidden, pe)
+                    staged(seen, pe)
             decision = method.refine(i, decision, obs_b)
+        if method.needs_decision_stream:  # the next decision sees this layer as decided, unreconstructed
+            seen = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)(seen, pe)
         if method.needs_reconstruction:
             rows = chunk_rows or hidden.shape[0]
             if dense_out is None:
@@ -70,6 +72,8 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
         pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, "cpu", torch.float32)
         hidden = pruned(hidden, pe)
         dense_hidden = dense_out
+        if not method.needs_decision_stream:
+            seen = hidden
         decisions.append(decision)
     return decisions
 

@@ -34,7 +34,8 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
                                 {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"},
-                                {"recon_schedule": "linear"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1}])
+                                {"recon_schedule": "linear"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1},
+                                {"decide_on": "raw"}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
@@ -203,10 +204,12 @@ def test_recon_loss_rms_is_scale_free():
 # ---- end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["dense_stream", "dense_layer"])
+@pytest.fixture(scope="module", params=[{"recon_target": "dense_stream"}, {"recon_target": "dense_layer"},
+                                        {"recon_target": "dense_stream", "decide_on": "unreconstructed"}],
+                ids=["dense_stream", "dense_layer", "decision_stream"])
 def cascade_run(request, tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("cascade") / "out"
-    opts = {**E2E_OPTS, "recon_target": request.param}
+    opts = {**E2E_OPTS, **request.param}
     cfg = PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E)
     report = prune(replace(cfg, keep_work=True))
     return cfg, report
@@ -246,9 +249,11 @@ def test_e2e_output_loads_and_reconstruction_changed_weights(cascade_run, tiny_l
         assert torch.isfinite(model(input_ids=tokens[:2]).logits).all()
 
 
-@pytest.mark.parametrize("point", ["reconstructed:1", "observe:2"])
-def test_e2e_kill_inside_reconstruction_then_resume_is_byte_identical(tiny_llama, tmp_path, point):
-    opts = [x for k, v in {"recon_epochs": 1, "recon_lr": 1e-3, "recon_batch_tokens": 64, "recon_val_rows": 2}.items() for x in ("--option", f"{k}={v}")]
+@pytest.mark.parametrize("point,extra", [("reconstructed:1", {}), ("observe:2", {}),
+                                         ("reconstructed:1", {"decide_on": "unreconstructed"}), ("observe:2", {"decide_on": "unreconstructed"})])
+def test_e2e_kill_inside_reconstruction_then_resume_is_byte_identical(tiny_llama, tmp_path, point, extra):
+    options = {"recon_epochs": 1, "recon_lr": 1e-3, "recon_batch_tokens": 64, "recon_val_rows": 2, **extra}
+    opts = [x for k, v in options.items() for x in ("--option", f"{k}={v}")]
     cmd = ["prune", tiny_llama, "--method", "cascade", "--ratio", "0.3", *opts, *ARGS]
     ref = run_cli(*cmd, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
@@ -352,3 +357,8 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     # the dense stream is two more activation boundaries on disk (rows × seqlen × d each)
     stream = prune(replace(cfg, method_options={**E2E_OPTS, "recon_target": "dense_stream"}))
     assert stream["disk_bytes"] - fc["disk_bytes"] == 2 * 16 * 32 * shapes.hidden_size * 4
+    # so is the decision stream (the pruned model before reconstruction); both: four
+    boundary = 16 * 32 * shapes.hidden_size * 4
+    decided = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed"}))
+    both = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed", "recon_target": "dense_stream"}))
+    assert decided["disk_bytes"] - fc["disk_bytes"] == 2 * boundary and both["disk_bytes"] - fc["disk_bytes"] == 4 * boundary

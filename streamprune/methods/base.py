@@ -107,6 +107,10 @@ class Method:
     # The engine also streams the dense model's own hidden states (a second activation
     # stream, on disk like the first); ``reconstruct`` then gets (input, dense output) pairs.
     needs_dense_stream: bool = False
+    # Passes A and B read a third stream: the pruned model *before* reconstruction (each layer
+    # as ``refine`` returned it), so every decision is the one the method takes without
+    # reconstruction upstream; ``reconstruct`` and the output still follow the reconstructed stream.
+    needs_decision_stream: bool = False
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
 

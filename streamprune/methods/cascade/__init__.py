@@ -29,6 +29,9 @@ Components (each one ``--option``, for the ablation):
   layer undoes its own pruning) or ``dense_stream`` (the dense model's own hidden states
   leaving the layer, streamed by the engine next to the pruned ones, so every layer also
   corrects the error its pruned input already carries).
+- ``decide_on``: ``reconstructed`` (default: each decision sees the reconstructed stream) or
+  ``unreconstructed`` (the engine streams the pruned model before reconstruction as well, and
+  the base method decides on it: the decisions of ``recon=false``, reconstruction on top).
 
 Contracts: the structure, hence the achieved ratio and the layer specs, is exactly the base
 method's (±1 pp); reconstruction changes values, never shapes. Deterministic (seeded by the
@@ -73,6 +76,11 @@ class CascadeConfig:
     # so each layer also corrects the error the layers before it left in its input; measured
     # no better on the demo model: 111.64 vs 111.02, RESULTS "cascade").
     recon_target: str = "dense_layer"
+    # What each layer's decision (the base method's passes A/B) sees: the "reconstructed" pruned
+    # stream, or the "unreconstructed" one (the pruned model as the base method alone would
+    # build it, streamed by the engine next to the reconstructed one): the same decisions as
+    # with recon=false, reconstruction on top.
+    decide_on: str = "reconstructed"
     allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
@@ -104,6 +112,8 @@ class CascadeConfig:
             raise bad("recon_min_gain", "in [0, 1)")
         if self.recon_schedule not in ("constant", "cosine"):
             raise bad("recon_schedule", "'constant' or 'cosine'")
+        if self.decide_on not in ("reconstructed", "unreconstructed"):
+            raise bad("decide_on", "'reconstructed' or 'unreconstructed'")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
         if self.allocation not in ("uniform", "measured"):
@@ -153,6 +163,7 @@ class Cascade(Method):
         self.pass_b_layer = self.base.pass_b_layer
         self.needs_reconstruction = config.recon and config.recon_epochs > 0
         self.needs_dense_stream = self.needs_reconstruction and config.recon_target == "dense_stream"
+        self.needs_decision_stream = self.needs_reconstruction and config.decide_on == "unreconstructed"
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         self.base.plan(shapes, survey)
@@ -245,7 +256,8 @@ class Cascade(Method):
 
     def config_dict(self) -> dict:
         options = asdict(self.config)
-        for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant"), ("recon_min_gain", 0.0)):
+        for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant"), ("recon_min_gain", 0.0),
+                             ("decide_on", "reconstructed")):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
