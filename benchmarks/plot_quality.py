@@ -3,8 +3,9 @@
     python benchmarks/plot_quality.py [--eval wikitext2:128] [--max-windows K] [--out benchmarks/results/quality_vs_ratio.png]
 
 Reads ``benchmarks/results/quality.jsonl`` (written by ``benchmarks/quality.py``) and nothing
-else: rows ``METHOD-PCT`` with no extra options are each method's default setting; the dense
-model is the point at ratio 0 of every line. Missing points are simply absent (run
+else: a row is drawn when its options leave the method at its default setting (``METHOD-PCT``,
+or options equal to the defaults); the newest record of a ratio wins; the dense model is the
+point at ratio 0 of every line. Missing points are simply absent (run
 ``quality.py --rows olica-10,olica-30,...`` to add them). Log-scale PPL axis.
 """
 
@@ -12,22 +13,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import parse_row  # noqa: E402  (sibling script: the row names' grammar)
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"
 LABELS = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM", "cascade": "cascade (ours)", "magnitude": "magnitude"}
 
 
+def is_default(method: str, options: dict) -> bool:
+    """Whether ``options`` leave ``method`` at its default configuration (e.g. a row named
+    after a default's value, like ``cascade-20-recon_target=dense_layer``)."""
+    from streamprune.methods import build_method
+
+    try:
+        return build_method(method, 0.2, options).config == build_method(method, 0.2, {}).config
+    except (TypeError, ValueError):
+        return False
+
+
 def points(records: list[dict], ev: str, max_windows: int | None) -> dict[str, list[tuple[float, float]]]:
-    """method -> sorted (achieved ratio, ppl), default-option rows only."""
+    """method -> sorted (achieved ratio, ppl) of its default setting (the newest record of
+    each ratio); the dense model is the point at ratio 0 of every line."""
     dense = next((r["ppl"] for r in records if r["row"] == "dense" and r["eval"] == ev and r.get("max_windows") == max_windows), None)
-    out: dict[str, list[tuple[float, float]]] = {}
+    newest: dict[tuple[str, int], tuple[float, float]] = {}
     for r in records:
-        parts = r["row"].split("-")
-        if r["eval"] != ev or r.get("max_windows") != max_windows or len(parts) != 2:
+        if r["row"] == "dense" or r["eval"] != ev or r.get("max_windows") != max_windows:
             continue
-        out.setdefault(parts[0], []).append((r["achieved_ratio"], r["ppl"]))
-    for method, pts in out.items():
+        method, ratio, options = parse_row(r["row"])
+        if options and not is_default(method, options):
+            continue
+        newest[(method, round(100 * ratio))] = (r["achieved_ratio"], r["ppl"])  # later records win
+    out: dict[str, list[tuple[float, float]]] = {}
+    for (method, _), pt in newest.items():
+        out.setdefault(method, []).append(pt)
+    for pts in out.values():
         if dense is not None:
             pts.append((0.0, dense))
         pts.sort()
