@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS.parent / "quality_vs_ratio.png")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=ROW,ROW",
+                    help="an extra dashed line through the named rows (e.g. an earlier default)")
     args = ap.parse_args()
     import matplotlib
 
@@ -76,6 +78,15 @@ def main() -> None:
             continue  # ~1e6 at 20 %: off the useful scale
         xs, ys = zip(*series[method])
         ax.plot([100 * x for x in xs], ys, marker="o", label=LABELS.get(method, method), lw=2.2 if method == "cascade" else 1.4)
+    dense = next((p for pts in series.values() for p in pts if p[0] == 0.0), None)
+    for spec in args.also:
+        label, rows = spec.split("=", 1)
+        pts = [(r["achieved_ratio"], r["ppl"]) for r in records
+               if r["row"] in rows.split(",") and r["eval"] == args.eval and r.get("max_windows") == args.max_windows]
+        pts = sorted(dict(pts).items()) if pts else []
+        if pts:
+            xs, ys = zip(*([dense] if dense else []) + pts)
+            ax.plot([100 * x for x in xs], ys, marker="s", ls="--", lw=1.2, label=label)
     dataset, seqlen = args.eval.split(":")
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (% of total, achieved)")
