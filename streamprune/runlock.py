@@ -123,7 +123,7 @@ class _Lock:
             for folder in self.created:
                 try:
                     folder.rmdir()  # only if empty: an error before any work leaves no litter
-                except OSError:
+                except OSError:  # not empty (or gone): it and the folders above it stay as they are
                     break
         finally:
             os.close(self.fd)  # releases the flock

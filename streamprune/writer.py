@@ -6,7 +6,7 @@ folder never holds partial files), then published with one directory rename:
 - ``model-layer-XXXXX.safetensors`` per decoder layer, ``model-outer.safetensors``
   (embeddings, final norm, lm_head unless tied), ``model.safetensors.index.json``;
 - ``config.json`` (``StreamPruneConfig``: the source config + per-layer specs + auto_map),
-  ``configuration_streamprune.py`` + ``modeling_streamprune.py`` (for ``trust_remote_code``), tokenizer files;
+  ``configuration_streamprune.py`` + ``cache_compat_streamprune.py`` + ``modeling_streamprune.py`` (for ``trust_remote_code``), tokenizer files;
 - ``streamprune_report.json``.
 """
 

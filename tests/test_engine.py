@@ -81,7 +81,7 @@ def test_output_loads_with_remote_code(tiny_llama, tmp_path):
     assert type(remote).__name__ == "StreamPruneForCausalLM"
     torch.testing.assert_close(logits_of(remote, tokens), logits_of(local, tokens), rtol=0, atol=0)
     files = sorted(p.name for p in out.iterdir())
-    assert "model.safetensors.index.json" in files and "modeling_streamprune.py" in files and "configuration_streamprune.py" in files
+    assert "model.safetensors.index.json" in files and "modeling_streamprune.py" in files and "configuration_streamprune.py" in files and "cache_compat_streamprune.py" in files
     assert "tokenizer.json" in files
     assert sum(f.startswith("model-layer-") for f in files) == 4
 

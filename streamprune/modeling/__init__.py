@@ -1,6 +1,6 @@
 """The pruned-model class and how outputs find it.
 
-``configuration_streamprune.py`` + ``modeling_streamprune.py`` are self-contained (torch and
+``configuration_streamprune.py`` + ``cache_compat_streamprune.py`` + ``modeling_streamprune.py`` are self-contained (torch and
 transformers only): the output writer copies :data:`MODELING_FILES` into the output folder
 and puts :data:`AUTO_MAP` in its ``config.json``, so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works anywhere.
@@ -23,8 +23,8 @@ from .modeling_streamprune import (
     StreamPruneRMSNorm,
 )
 
-# The remote-code files an output folder carries (the modeling file imports the other one).
-MODELING_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_streamprune.py", "modeling_streamprune.py"))
+# The remote-code files an output folder carries (the modeling file imports the other two).
+MODELING_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_streamprune.py", "cache_compat_streamprune.py", "modeling_streamprune.py"))
 AUTO_MAP = {
     "AutoConfig": "configuration_streamprune.StreamPruneConfig",
     "AutoModelForCausalLM": "modeling_streamprune.StreamPruneForCausalLM",

@@ -1,7 +1,8 @@
 """Pruned decoder LLM: a Llama-style model whose every layer has its own shapes.
 
-SELF-CONTAINED: imports only ``torch``, ``transformers`` and its sibling
-``configuration_streamprune.py``. Both files are copied into every output folder so that
+SELF-CONTAINED: imports only ``torch``, ``transformers`` and its siblings
+``configuration_streamprune.py`` and ``cache_compat_streamprune.py`` (the transformers-version
+shims). Both files are copied into every output folder so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without
 ``streamprune`` installed; never import ``streamprune`` here.
 
@@ -34,7 +35,6 @@ caches are not supported). Tested on transformers 5.24 and 5.17 (the GPU image's
   no cache) is plain causal attention over its input.
 """
 
-import inspect
 import math
 
 import torch
@@ -48,6 +48,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument
 from .configuration_streamprune import StreamPruneConfig, layer_spec_dict  # noqa: F401  (re-exported)
 
 
@@ -95,52 +96,6 @@ class StreamPruneRMSNorm(nn.Module):
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(input_dtype)
-
-
-# transformers renamed the outputs' / forwards' ``past_key_values`` to ``cache`` in 5.x.
-_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-try:
-    from transformers.cache_utils import DummyLayer  # transformers >= 5.23
-except ImportError:  # older 5.x: the same placeholder, here
-
-    class DummyLayer:
-        """A cache slot that stores nothing (a layer without attention heads). Not a
-        ``CacheLayerMixin``, so ``Cache.get_seq_length()`` of transformers < 5.23 skips it
-        and reads the first layer that caches keys, as ``DummyLayer`` does in 5.23+."""
-
-        supports_early_init = False
-        is_compileable = True
-        is_croppable = True
-        is_sliding = False
-
-        def __init__(self, **kwargs):
-            self.is_initialized = True
-            self.keys = None
-            self.values = None
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if key_states is None and value_states is None:
-                return None, None
-            raise NotImplementedError("a layer without attention heads caches nothing")
-
-        def offload(self): ...
-        def prefetch(self): ...
-        def reset(self): ...
-        def crop(self, tokens_to_remove: int): ...
-        def reorder_cache(self, beam_idx: torch.LongTensor): ...
-        def batch_repeat_interleave(self, repeats: int): ...
-        def batch_select_indices(self, indices: torch.Tensor): ...
-
-        def get_max_length(self):
-            return -1
-
-
-def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
-    """``cache=`` or the deprecated ``past_key_values=`` (popped from ``kwargs``)."""
-    past = kwargs.pop("past_key_values", None)
-    return cache if cache is not None else past
 
 
 class StreamPruneAttention(nn.Module):
