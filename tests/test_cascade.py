@@ -35,11 +35,17 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
                                 {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"},
                                 {"recon_schedule": "linear"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1},
-                                {"decide_on": "raw"}])
+                                {"decide_on": "raw"}, {"selection": "best"}, {"obs_damp": 0}, {"obs_block": 0}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
     with pytest.raises(ValueError, match=rf"CascadeConfig\.{name} .*got {value!r}"):
         CascadeConfig(**kw)
+
+
+def test_obs_selection_refuses_a_base_it_cannot_replace():
+    for kw in ({"base_mlp_num": 6}, {"base": "lorap", "allocation": "uniform"}):
+        with pytest.raises(ValueError, match=r"CascadeConfig\.selection must be 'score' unless base=olica with base_mlp_num=0"):
+            CascadeConfig(selection="obs", **kw)
 
 
 @pytest.mark.parametrize("shapes", [SMOLLM2, LLAMA2_70B], ids=["smollm2", "llama2-70b"])
@@ -108,6 +114,22 @@ def test_workspace_forecast_fits_a_24gb_card_at_70b():
     largest = max(s.num_params() for s in method.planned_specs(LLAMA2_70B))
     assert 0.65e9 < largest < 0.72e9
     assert method.workspace_bytes(LLAMA2_70B) == 16 * largest + 1024 * (12 * 8192 + 6 * 28672) * 4 < 13 * 2**30
+
+
+def test_obs_workspace_and_compute_forecast_at_70b():
+    from streamprune.methods.cascade.selection import obs_flop
+
+    method = build_method("cascade", 0.2, {"selection": "obs"})
+    method.plan(LLAMA2_70B)
+    f, d = 28672, 8192  # f > 8192: fp32 arithmetic; the Gram, its damped copy, Cholesky factor, inverse + 3 copies of down
+    obs = 4 * f * f + 3 * f * f * 4 + 3 * d * f * 4
+    assert method.workspace_bytes(LLAMA2_70B) == obs < 15 * 2**30  # above reconstruction's 11.3 GiB: OBS is the peak
+    specs = method.planned_specs(LLAMA2_70B)
+    plain = build_method("cascade", 0.2, {})
+    plain.plan(LLAMA2_70B)
+    extra = method.extra_flop(LLAMA2_70B, specs, 256, 128) - plain.extra_flop(LLAMA2_70B, specs, 256, 128)
+    assert extra == pytest.approx(sum(obs_flop(LLAMA2_70B, f - s.intermediate_size) for s in specs))
+    assert 1e13 < extra / len(specs) < 1e14  # dominated by the f x f inverse: f³ = 2.4e13 per layer
 
 
 # ---- reconstruction on explicit activations -------------------------------------------------
@@ -249,7 +271,7 @@ def test_e2e_output_loads_and_reconstruction_changed_weights(cascade_run, tiny_l
         assert torch.isfinite(model(input_ids=tokens[:2]).logits).all()
 
 
-@pytest.mark.parametrize("point,extra", [("reconstructed:1", {}), ("observe:2", {}),
+@pytest.mark.parametrize("point,extra", [("reconstructed:1", {}), ("observe:2", {}), ("observe:1", {"selection": "obs"}),
                                          ("reconstructed:1", {"decide_on": "unreconstructed"}), ("observe:2", {"decide_on": "unreconstructed"})])
 def test_e2e_kill_inside_reconstruction_then_resume_is_byte_identical(tiny_llama, tmp_path, point, extra):
     options = {"recon_epochs": 1, "recon_lr": 1e-3, "recon_batch_tokens": 64, "recon_val_rows": 2, **extra}
@@ -362,3 +384,28 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     decided = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed"}))
     both = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed", "recon_target": "dense_stream"}))
     assert decided["disk_bytes"] - fc["disk_bytes"] == 2 * boundary and both["disk_bytes"] - fc["disk_bytes"] == 4 * boundary
+
+
+# ---- OBS selection -----------------------------------------------------------------------------
+
+
+def test_e2e_obs_selection_streamed_equals_in_memory_at_the_same_parameter_count(tiny_llama, tmp_path):
+    opts = {"recon": False, "selection": "obs"}
+    out, score_out = tmp_path / "out", tmp_path / "score"
+    cfg = PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E, keep_work=True)
+    report = prune(cfg)
+    score = prune(PruneConfig(source=tiny_llama, out=score_out, method="cascade", ratio=0.3, method_options={"recon": False}, **E2E))
+    assert _specs_of(out) == _specs_of(score_out) and report["params_pruned"] == score["params_pruned"]
+    decisions = prune_in_memory(tiny_llama, build_method("cascade", 0.3, opts), _e2e_tokens(tiny_llama))
+    assert _specs_of(out) == [d.spec for d in decisions]
+    streamed, by_score = _output_tensors(out), _output_tensors(score_out)
+    journal = {r["layer"]: r["info"] for r in RunDir(cfg.run_dir).records() if r.get("event") == "layer"}
+    f = open_model(tiny_llama).config.intermediate_size
+    for i, d in enumerate(decisions):
+        ratio = journal[i]["obs_cost_ratio"]
+        assert journal[i]["selection"] == "obs" and 0 <= ratio < 1 and (ratio > 0) == (journal[i]["ffn_kept"] < f), (i, ratio)
+        for name, ref in d.tensors.items():
+            assert rel(streamed[f"model.layers.{i}.{name}"], ref) < 5e-4, (i, name)
+    # OBS picks other channels than the score and refits down_proj: the FFN tensors differ, attention does not
+    assert any(not torch.equal(streamed[k], by_score[k]) for k in streamed if "mlp.down_proj" in k)
+    assert all(torch.equal(streamed[k], by_score[k]) for k in streamed if "self_attn" in k and ".0." in k)

@@ -18,6 +18,12 @@ Components (each one ``--option``, for the ablation):
 - ``allocation``: ``uniform`` (the base's equal FFN cut per layer) or ``measured``: the survey
   measures each layer's error curve of cutting its FFN (:mod:`.allocation`) and the same total
   number of channels is handed out where it costs least (``alloc_max_frac`` caps one layer).
+- ``selection``: ``score`` (the base's channel score picks each layer's FFN channels) or
+  ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
+  its input on the pruned stream, weighted per token like the reconstruction loss — channels
+  leave one at a time (``obs_block`` at a time) by least exact cost, and down_proj's kept
+  columns absorb what they can (a ridge toward the current weights, ``obs_damp``). Base olica
+  without LC only.
 - ``attn_scale``: the share of Olica's attention cut (sr_allocation's s_qk, s_vo) that is
   taken; the FFNs take the rest of the same total (0 = attention dense, 1 = the paper's split,
   above 1 = more from attention). Measured on the demo model (RESULTS "cascade").
@@ -54,6 +60,7 @@ from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
+from .selection import obs_flop, obs_select_ffn, obs_workspace_bytes
 
 CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
 BASES = ("olica", "lorap", "slimllm")
@@ -84,6 +91,9 @@ class CascadeConfig:
     allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
+    selection: str = "score"  # which FFN channels go: "score" (the base's) or "obs" (exact OBS cost + down_proj update)
+    obs_damp: float = 0.01  # OBS: λ = obs_damp · mean diag of the Gram (ridge toward the current weights)
+    obs_block: int = 1  # OBS: channels removed per step (1: exact greedy; more: fewer, larger steps)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -124,6 +134,14 @@ class CascadeConfig:
             raise bad("attn_scale", "in [0, 2]")
         if self.attn_scale != 1 and self.base != "olica":
             raise bad("attn_scale", "1 with base lorap/slimllm (the attention/FFN split is Olica's)")
+        if self.selection not in ("score", "obs"):
+            raise bad("selection", "'score' or 'obs'")
+        if self.selection == "obs" and (self.base != "olica" or self.base_mlp_num != 0):
+            raise bad("selection", "'score' unless base=olica with base_mlp_num=0 (OBS replaces the channels LC's bypass is fitted to)")
+        if isinstance(self.obs_damp, bool) or not isinstance(self.obs_damp, (int, float)) or not 0 < self.obs_damp < math.inf:
+            raise bad("obs_damp", "a positive number")
+        if not is_int(self.obs_block) or self.obs_block < 1:
+            raise bad("obs_block", "an int >= 1")
         if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
             raise bad("alloc_max_frac", "in (0, 1)")
 
@@ -206,10 +224,21 @@ class Cascade(Method):
         return {**out, "ffn_curve": curve.float().cpu()}
 
     def observer(self, layer_idx, pass_name, weights):
-        return self.base.observer(layer_idx, pass_name, weights)
+        base = self.base.observer(layer_idx, pass_name, weights)
+        if pass_name != "A" or self.config.selection != "obs":
+            return base
+        return AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1])  # + the weighted down_proj-input Gram
 
     def decide(self, layer_idx, weights, observer) -> Decision:
-        return self.base.decide(layer_idx, weights, observer)
+        if self.config.selection != "obs":
+            return self.base.decide(layer_idx, weights, observer)
+        decision = self.base.decide(layer_idx, weights, observer.base)  # attention as the base; FFN replaced below
+        n_prune = weights["mlp.down_proj.weight"].shape[1] - decision.spec.intermediate_size
+        ffn, info = obs_select_ffn(weights, observer.gram, n_prune, float(self.config.obs_damp), self.config.obs_block)
+        tensors = {**decision.tensors, **{k: v.to(decision.tensors[k].dtype) for k, v in ffn.items()}}
+        obs = Decision(decision.spec, tensors, {**decision.info, **info})
+        obs.validate(layer_idx)
+        return obs
 
     def refine(self, layer_idx, decision, observer) -> Decision:
         return self.base.refine(layer_idx, decision, observer)
@@ -229,6 +258,8 @@ class Cascade(Method):
         (they are never alive together): Adam on the largest planned layer (fp32 weights,
         gradients, two moments: 16 B/param) + one batch's activations kept for backward."""
         base = self.base.workspace_bytes(shapes)
+        if self.config.selection == "obs":  # after the base's decision, never alive with its scratch
+            base = max(base, obs_workspace_bytes(shapes))
         if not self.needs_reconstruction:
             return base
         largest = max(s.num_params() for s in self.planned_specs(shapes))
@@ -238,14 +269,17 @@ class Cascade(Method):
         """Reconstruction (matmul FLOPs): the dense target once per calibration token (2
         FLOP/param: the dense layer on the pruned input, or the dense stream's own step); per epoch, training tokens through the pruned layer forward and backward
         (6 FLOP/param); held-out tokens forward through it before the first epoch and after each
-        (every epoch: an upper bound when ``recon_min_gain`` stops layers early)."""
-        if not self.needs_reconstruction:
-            return 0.0
+        (every epoch: an upper bound when ``recon_min_gain`` stops layers early). With
+        ``selection="obs"``, each layer's OBS arithmetic as well (:func:`.selection.obs_flop`)."""
         cfg = self.config
+        f = shapes.intermediate_size
+        obs = sum(obs_flop(shapes, f - s.intermediate_size) for s in specs) if cfg.selection == "obs" else 0.0
+        if not self.needs_reconstruction:
+            return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)
         train, val = (nsamples - n_val) * seqlen, n_val * seqlen
         dense = shapes.dense_spec().num_params()
-        return float(sum(nsamples * seqlen * 2 * dense + cfg.recon_epochs * train * 6 * s.num_params()
+        return obs + float(sum(nsamples * seqlen * 2 * dense + cfg.recon_epochs * train * 6 * s.num_params()
                          + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
 
     def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
@@ -257,7 +291,7 @@ class Cascade(Method):
     def config_dict(self) -> dict:
         options = asdict(self.config)
         for key, default in (("attn_scale", 1.0), ("recon_schedule", "constant"), ("recon_min_gain", 0.0),
-                             ("decide_on", "reconstructed")):
+                             ("decide_on", "reconstructed"), ("selection", "score"), ("obs_damp", 0.01), ("obs_block", 1)):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,

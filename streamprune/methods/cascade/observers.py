@@ -5,6 +5,8 @@ chunk: the MLP-input and down_proj-input energies (the base's channel score on t
 stream) and the down_proj-input Gram weighted per token by ``1 / ms(y_t)`` of the layer output
 (see :mod:`.allocation`). Hooks fire inside-out, so a chunk's down_proj input is held until the
 layer's own output (tap ``layer``) arrives; fp32 accumulation on the activations' device.
+The same observer serves ``selection="obs"`` in pass A (pruned stream): its Gram is the
+Hessian OBS removes down_proj's input columns with (:mod:`.selection`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""OBS selection of a layer's FFN channels (``selection="obs"``).
+
+The base method scores channels one by one and slices; here the channels leave by their
+exact Optimal Brain Surgeon cost on down_proj (:func:`streamprune.kernels.obs_remove_columns`),
+and down_proj's kept columns are refitted to absorb what they can, in the units of the
+reconstruction loss: the Gram of the down_proj input ``h`` on the pruned stream is weighted
+per token by ``1 / ms(y_t)`` of the layer's output (the error as the next RMSNorm sees it,
+accumulated by :class:`.observers.AllocationObserver` in pass A). Channel ``j`` is the group
+{gate row j, up row j, down column j}: gate and up lose the same rows.
+
+Pure functions on tensors; the arithmetic's dtype follows the FFN's width (float64 up to
+``F64_MAX_WIDTH``; float32 beyond, which halves the f × f inverse: 3.3 GB at f = 28672).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...kernels import obs_remove_columns
+from ...shapes import ModelShapes
+
+F64_MAX_WIDTH = 8192
+
+
+def obs_dtype(f: int) -> torch.dtype:
+    return torch.float64 if f <= F64_MAX_WIDTH else torch.float32
+
+
+def obs_select_ffn(weights: dict[str, Tensor], gram: Tensor, n_prune: int, damp: float, block: int) -> tuple[dict[str, Tensor], dict]:
+    """(gate/up/down tensors of the kept channels, info) for removing ``n_prune`` channels.
+
+    weights: the dense layer's tensors (``mlp.{gate,up,down}_proj.weight``); gram: (f, f)."""
+    gate, up, down = (weights[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    f = down.shape[1]
+    kept, down_kept, cost = obs_remove_columns(down, gram, n_prune, damp=damp, block=block, dtype=obs_dtype(f))
+    g = gram.to(obs_dtype(f))
+    w = down.to(g.device, g.dtype)
+    energy = float(((w @ g) * w).sum())  # Σ_t ‖W h_t‖² / ms(y_t): the FFN output's own size, same units as cost
+    tensors = {"mlp.gate_proj.weight": gate[kept].contiguous(), "mlp.up_proj.weight": up[kept].contiguous(),
+               "mlp.down_proj.weight": down_kept.contiguous()}
+    return tensors, {"selection": "obs", "obs_cost_ratio": float(f"{cost / energy:.6g}") if energy > 0 else 0.0}
+
+
+def obs_workspace_bytes(shapes: ModelShapes) -> int:
+    """Device memory at OBS's peak: the fp32 Gram (the observer's), its damped copy, a Cholesky
+    factor and the inverse in the arithmetic dtype, and three out × f copies of down_proj."""
+    f, d = shapes.intermediate_size, shapes.hidden_size
+    s = obs_dtype(f).itemsize
+    return 4 * f * f + 3 * f * f * s + 3 * d * f * s
+
+
+def obs_flop(shapes: ModelShapes, n_prune: int) -> float:
+    """Arithmetic of one layer's OBS: the inverse (Cholesky f³/3 + inverse 2f³/3), per removed
+    channel a rank-one downdate of the inverse (2f²) and of down_proj (2df), the final solve on
+    the kept columns (Cholesky k³/3 + 2dfk for the right-hand side + 2dk² for the solves)."""
+    f, d = shapes.intermediate_size, shapes.hidden_size
+    k = f - n_prune
+    return float(f ** 3 + n_prune * (2 * f * f + 3 * d * f) + k ** 3 / 3 + 2 * d * f * k + 2 * d * k * k)
