@@ -140,11 +140,6 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     gpu_budget = parse_size(cfg.max_gpu_memory)
     adapter, shapes, method, specs = plan(cfg)
-    if ranks.distributed and method.needs_reconstruction:
-        raise ConfigError(
-            f"method {cfg.method!r} reconstructs each layer by gradient, which does not run under torchrun yet "
-            f"(world size {ranks.world_size}); run it in one process, or add --option recon=false"
-        )
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
@@ -253,7 +248,8 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                         chunks = lambda: cache.read(i, device)  # noqa: E731
                     else:  # (pruned-stream input, dense-stream output) pairs, chunk by chunk
                         chunks = lambda: zip(cache.read(i, device), dense_cache.read(i + 1, device))  # noqa: E731
-                    data = LayerData(dense=dense, chunks=chunks, pe=pe, rows=cfg.nsamples,
+                    data = LayerData(dense=dense, chunks=chunks, pe=pe, rows=cfg.nsamples, ranks=ranks,
+                                     row_offset=ranks.shard(cfg.nsamples).start,
                                      build=lambda spec, t, dt: adapter.build_pruned_layer(i, spec, t, device, dt))
                     decision = method.reconstruct(i, decision, data)
                     crash_point(f"reconstructed:{i}")

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from ..distributed import Ranks
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 
@@ -82,13 +83,17 @@ class LayerData:
     ``needs_dense_stream``, ``(input, target)`` pairs, ``target`` the dense model's own hidden
     states leaving the layer for the same rows; ``dense`` is the source
     layer (callable ``(hidden, pe)``); ``build(spec, tensors, dtype)`` materialises a pruned
-    layer (our modeling class) whose ``tensors()`` are keyed by the decision's tensor names."""
+    layer (our modeling class) whose ``tensors()`` are keyed by the decision's tensor names.
+    ``rows`` counts the whole job's calibration rows; under torchrun ``chunks()`` holds this
+    rank's shard, global rows ``row_offset…``, and a gradient is all-reduced over ``ranks``."""
 
     dense: torch.nn.Module
     build: Callable[[LayerSpec, dict, torch.dtype], torch.nn.Module]
     chunks: Callable[[], Iterator[torch.Tensor]]
     pe: tuple[torch.Tensor, torch.Tensor]
     rows: int
+    row_offset: int = 0
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 class Method:

@@ -245,7 +245,8 @@ class Cascade(Method):
 
     def reconstruct(self, layer_idx: int, decision: Decision, data: LayerData) -> Decision:
         pruned = data.build(decision.spec, {k: v.float() for k, v in decision.tensors.items()}, torch.float32)
-        result = reconstruct_layer(pruned, data.dense, data.chunks, data.pe, data.rows, self.config.settings(), seed=layer_idx)
+        result = reconstruct_layer(pruned, data.dense, data.chunks, data.pe, data.rows, self.config.settings(), seed=layer_idx,
+                                   row_offset=data.row_offset, ranks=data.ranks)
         tensors = {k: result.state[k].to(v.dtype).contiguous() for k, v in decision.tensors.items()}
         info = {**decision.info, "recon_val_before": round(result.val_before, 6), "recon_val_after": round(result.val_after, 6),
                 "recon_best_epoch": result.best_epoch, "recon_steps": result.steps}

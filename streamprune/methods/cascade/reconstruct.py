@@ -26,6 +26,15 @@ Cost: the dense layer runs once per calibration token (its outputs are kept on t
 ``rows × seqlen × d`` in the layer's dtype, for every epoch and validation); the pruned layer
 runs forward and backward once per training token and epoch.
 
+Data parallel under torchrun (``ranks``, :class:`streamprune.distributed.Ranks`): each rank
+holds its own shard of the calibration rows (global rows ``row_offset…``; the held-out rows
+are the last ``val_rows`` of the whole set, wherever they live). Step ``s`` of an epoch is
+every rank's ``s``-th local batch together: the gradient of the summed loss is all-reduced
+and divided by the step's total row count (a rank whose batches ran out adds zero), so every
+rank takes the same Adam step on the same bits and the weights stay identical across ranks;
+the held-out loss is summed the same way, so every rank keeps the same best epoch. In one
+process nothing changes (no collective, the batch-mean loss as before).
+
 Pure with respect to files: the caller passes ``chunks`` (a function returning an iterator over
 the cached hidden-state chunks, ``(rows, T, d)`` each, or ``(x, target)`` pairs when the target
 is not the dense layer's output on ``x`` — e.g. the dense model's own stream) and the two layers.
@@ -39,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from ...distributed import Ranks
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,11 @@ def snapshot(layer: nn.Module) -> dict[str, Tensor]:
 
 
 def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], Iterator[Tensor]], pe,
-                      n_rows: int, settings: ReconSettings, seed: int) -> ReconResult:
-    """Optimise ``pruned``'s parameters in place and return the best state (see module doc)."""
+                      n_rows: int, settings: ReconSettings, seed: int, *, row_offset: int = 0,
+                      ranks: Ranks = Ranks()) -> ReconResult:
+    """Optimise ``pruned``'s parameters in place and return the best state (see module doc).
+
+    ``n_rows``: calibration rows of the whole job; ``row_offset``: this rank's first global row."""
     pe32 = tuple(t.float() for t in pe)  # the pruned layer trains in fp32, the dense one runs as built
 
     def fit(x: Tensor) -> Tensor:
@@ -114,7 +128,7 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     def validate() -> float:
         total, count = 0.0, 0
         with torch.no_grad():
-            start = 0
+            start = row_offset
             for x, t in pairs():
                 _, xv = _split(x, start, n_train)
                 _, tv = _split(t, start, n_train)
@@ -122,6 +136,7 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
                 if xv.shape[0]:
                     total += float(recon_loss(fit(xv), tv.float(), settings.loss)) * xv.shape[0]
                     count += xv.shape[0]
+        total, count = ranks.sum_floats(total, count)
         return total / max(count, 1)
 
     def lr_at(seen: int) -> float:
@@ -135,8 +150,9 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     before, best_epoch, steps, seen = best, 0, 0, 0
     history = [best]
     best_state = snapshot(pruned)
-    for epoch in range(1, settings.epochs + 1):
-        start = 0
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's training batches of one epoch, (input, fp32 target), in their fixed order."""
+        start = row_offset
         for x, t in pairs():
             xt, _ = _split(x, start, n_train)
             target = _split(t, start, n_train)[0].float()
@@ -147,14 +163,53 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
             rows = max(1, settings.batch_tokens // xt.shape[1])
             for b in range(0, xt.shape[0], rows):
                 idx = order[b : b + rows]
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(seen)
-                seen += idx.numel()
+                yield xt[idx], target[idx]
+
+    def step(batch: tuple[Tensor, Tensor] | None) -> None:
+        """One Adam step; under torchrun on every rank's batch of this step together."""
+        nonlocal seen
+        for group in opt.param_groups:
+            group["lr"] = lr_at(seen)
+        opt.zero_grad(set_to_none=True)
+        if not ranks.distributed:
+            seen += batch[0].shape[0]
+            with torch.enable_grad():
+                recon_loss(fit(batch[0]), batch[1], settings.loss).backward()
+        else:
+            local = 0 if batch is None else batch[0].shape[0]
+            if local:
                 with torch.enable_grad():
-                    loss = recon_loss(fit(xt[idx]), target[idx], settings.loss)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    (recon_loss(fit(batch[0]), batch[1], settings.loss) * local).backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            ranks.reduce_(grads)
+            total = int(ranks.sum_floats(local)[0])
+            seen += total
+            for g in grads:
+                g.div_(total)
+        opt.step()
+
+    def local_batches() -> int:
+        """How many batches :func:`batches` yields per epoch on this rank (one pass over the chunks)."""
+        n, start = 0, row_offset
+        for x, _ in pairs():
+            cut = _split(x, start, n_train)[0].shape[0]
+            start += x.shape[0]
+            n += math.ceil(cut / max(1, settings.batch_tokens // x.shape[1])) if cut else 0
+        return n
+
+    n_steps = ranks.max_int(local_batches()) if ranks.distributed else 0  # every rank steps as often as the busiest
+    for epoch in range(1, settings.epochs + 1):
+        if not ranks.distributed:
+            for batch in batches():
+                step(batch)
+                steps += 1
+        else:
+            it = batches()
+            for _ in range(n_steps):
+                step(next(it, None))
                 steps += 1
         val = validate() if n_val else -float(epoch)
         history.append(val)
