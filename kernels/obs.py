@@ -59,6 +59,47 @@ def removal_cost(w: Tensor, h: Tensor, removed: Tensor) -> float:
     return float(((delta @ h) * delta).sum())
 
 
+def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype, protect: Tensor | None) -> tuple[Tensor, list[tuple[int, float]]]:
+    """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step])."""
+    n = h.shape[0]
+    hinv = torch.linalg.cholesky(h)
+    hinv = torch.cholesky_inverse(hinv)  # the factor is freed as soon as the inverse exists
+    cur = w.to(dtype).clone()
+    alive = torch.ones(n, dtype=torch.bool, device=w.device)
+    choosable = alive.clone()
+    if protect is not None:
+        choosable[protect.to(w.device)] = False
+    steps, left = [], n_remove
+    while left > 0:
+        k = min(block, left)
+        single = cur.pow(2).sum(0) / hinv.diagonal().clamp_min(torch.finfo(dtype).tiny)
+        single = torch.where(choosable, single, torch.full_like(single, float("inf")))
+        s = torch.topk(single, k, largest=False, sorted=True).indices  # ties: topk's order (deterministic)
+        hss_inv = torch.linalg.inv(hinv[s][:, s])  # (k, k)
+        ws = cur[:, s] @ hss_inv  # (out, k)
+        steps.append((k, float((ws * cur[:, s]).sum())))
+        row = hinv[s]  # (k, n)
+        cur.addmm_(ws, row, alpha=-1)  # in place: no (out, n) or (n, n) temporaries
+        hinv.addmm_(row.T, hss_inv @ row, alpha=-1)
+        cur[:, s] = 0
+        hinv[s] = 0
+        hinv[:, s] = 0
+        alive[s] = False
+        choosable[s] = False
+        left -= k
+    return alive, steps
+
+
+def _check(w: Tensor, gram: Tensor, n_remove: int, block: int, n_protect: int, name: str) -> None:
+    out, n = w.shape
+    if gram.shape != (n, n):
+        raise ValueError(f"{name}: gram must be ({n}, {n}) for w of shape {tuple(w.shape)}, got {tuple(gram.shape)}")
+    if not 0 <= n_remove <= n - n_protect:
+        raise ValueError(f"{name}: n_remove must be in [0, {n - n_protect}], got {n_remove}")
+    if block < 1:
+        raise ValueError(f"{name}: block must be >= 1, got {block}")
+
+
 def obs_remove_columns(w: Tensor, gram: Tensor, n_remove: int, *, damp: float = 0.01, block: int = 1,
                        dtype: torch.dtype = torch.float64, protect: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
     """Remove ``n_remove`` input columns of ``w`` (out, n) by OBS; ``gram`` (n, n) = Σ h hᵀ.
@@ -67,40 +108,18 @@ def obs_remove_columns(w: Tensor, gram: Tensor, n_remove: int, *, damp: float = 
     weights on them (out, |kept|) in ``w``'s dtype, and the summed removal cost of the greedy
     steps (the objective's increase, in ``H``'s units). ``protect`` (indices) are never removed.
     """
-    out, n = w.shape
-    if gram.shape != (n, n):
-        raise ValueError(f"obs_remove_columns: gram must be ({n}, {n}) for w of shape {tuple(w.shape)}, got {tuple(gram.shape)}")
-    n_protect = 0 if protect is None else int(protect.numel())
-    if not 0 <= n_remove <= n - n_protect:
-        raise ValueError(f"obs_remove_columns: n_remove must be in [0, {n - n_protect}], got {n_remove}")
-    if block < 1:
-        raise ValueError(f"obs_remove_columns: block must be >= 1, got {block}")
+    _check(w, gram, n_remove, block, 0 if protect is None else int(protect.numel()), "obs_remove_columns")
     h = damped(gram.to(w.device), damp, dtype)
-    hinv = torch.linalg.cholesky(h)
-    hinv = torch.cholesky_inverse(hinv)  # the factor is freed as soon as the inverse exists
-    cur = w.to(dtype).clone()
-    alive = torch.ones(n, dtype=torch.bool, device=w.device)
-    blocked = alive.clone()  # columns that may still be chosen
-    if protect is not None:
-        blocked[protect.to(w.device)] = False
-    cost, left = 0.0, n_remove
-    while left > 0:
-        k = min(block, left)
-        single = cur.pow(2).sum(0) / hinv.diagonal().clamp_min(torch.finfo(dtype).tiny)
-        single = torch.where(blocked, single, torch.full_like(single, float("inf")))
-        s = torch.topk(single, k, largest=False, sorted=True).indices  # ties: topk's order (deterministic)
-        hss_inv = torch.linalg.inv(hinv[s][:, s])  # (k, k)
-        ws = cur[:, s] @ hss_inv  # (out, k)
-        cost += float((ws * cur[:, s]).sum())
-        row = hinv[s]  # (k, n)
-        cur.addmm_(ws, row, alpha=-1)  # in place: no (out, n) or (n, n) temporaries
-        hinv.addmm_(row.T, hss_inv @ row, alpha=-1)
-        cur[:, s] = 0
-        hinv[s] = 0
-        hinv[:, s] = 0
-        alive[s] = False
-        blocked[s] = False
-        left -= k
-    del hinv, cur
+    alive, steps = _greedy(w, h, n_remove, block, dtype, protect)
     kept = alive.nonzero().squeeze(1)
-    return kept, ls_kept_weights(w, h, kept).to(w.dtype), cost
+    return kept, ls_kept_weights(w, h, kept).to(w.dtype), sum(c for _, c in steps)
+
+
+def obs_cost_curve(w: Tensor, gram: Tensor, n_max: int, *, damp: float = 0.01, block: int = 1,
+                   dtype: torch.dtype = torch.float64) -> Tensor:
+    """(n_max + 1,) float64 ``e(k)``: the cost of removing ``k`` columns by greedy OBS, for every
+    ``k`` ≤ ``n_max`` (a step of ``block`` columns spreads its cost evenly over them)."""
+    _check(w, gram, n_max, block, 0, "obs_cost_curve")
+    _, steps = _greedy(w, damped(gram.to(w.device), damp, dtype), n_max, block, dtype, None)
+    per = [c / k for k, c in steps for _ in range(k)]
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(per, dtype=torch.float64), 0)])

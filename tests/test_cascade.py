@@ -409,3 +409,33 @@ def test_e2e_obs_selection_streamed_equals_in_memory_at_the_same_parameter_count
     # OBS picks other channels than the score and refits down_proj: the FFN tensors differ, attention does not
     assert any(not torch.equal(streamed[k], by_score[k]) for k in streamed if "mlp.down_proj" in k)
     assert all(torch.equal(streamed[k], by_score[k]) for k in streamed if "self_attn" in k and ".0." in k)
+
+
+def test_e2e_obs_allocation_curves_are_the_greedy_obs_costs(tiny_llama, tmp_path):
+    """allocation=obs: every layer's survey curve is a greedy OBS cost curve (0 at k = 0,
+    non-decreasing, one entry per removable channel), the counts are ``allocate`` on those
+    curves and keep the parameter total, and the output is the in-memory reference's."""
+    from safetensors.torch import load_file
+
+    from streamprune.methods.cascade.allocation import allocate
+
+    opts = {"recon": False, "selection": "obs", "allocation": "obs"}
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=opts, **E2E, keep_work=True)
+    report = prune(cfg)
+    plain = prune(PruneConfig(source=tiny_llama, out=tmp_path / "plain", method="cascade", ratio=0.3, method_options={"recon": False}, **E2E))
+    assert report["params_pruned"] == plain["params_pruned"] and report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
+    decisions = prune_in_memory(tiny_llama, build_method("cascade", 0.3, opts), _e2e_tokens(tiny_llama))
+    specs = _specs_of(cfg.out)
+    assert specs == [d.spec for d in decisions]
+    streamed = _output_tensors(cfg.out)
+    for i, d in enumerate(decisions):
+        for name, ref in d.tensors.items():
+            assert rel(streamed[f"model.layers.{i}.{name}"], ref) < 5e-4, (i, name)
+    method = build_method("cascade", 0.3, opts)
+    f = open_model(tiny_llama).config.intermediate_size
+    stored = load_file(cfg.run_dir / "survey.safetensors")
+    curves = [stored[f"{i}.ffn_curve"].double() for i in range(len(specs))]
+    for c in curves:
+        assert c.shape == (method._alloc_cap(f) + 1,) and c[0] == 0 and bool((c[1:] >= c[:-1]).all())
+    total = sum(f - s.intermediate_size for s in specs)
+    assert allocate(curves, total, method._alloc_cap(f)) == [f - s.intermediate_size for s in specs]

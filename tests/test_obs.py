@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from streamprune.kernels.obs import damped, ls_kept_weights, obs_remove_columns, removal_cost
+from streamprune.kernels.obs import damped, ls_kept_weights, obs_cost_curve, obs_remove_columns, removal_cost
 
 
 def _problem(n=12, out=5, tokens=200, seed=0):
@@ -102,3 +102,18 @@ def test_bad_arguments_name_the_value(kw, match):
     args = {"gram": h.T @ h, "n_remove": 2, **kw}
     with pytest.raises(ValueError, match=match):
         obs_remove_columns(w, args.pop("gram"), args.pop("n_remove"), **args)
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_cost_curve_is_the_brute_force_cost_of_each_greedy_prefix(block):
+    h, w = _problem(seed=4)
+    gram = h.T @ h
+    curve = obs_cost_curve(w, gram, 8, block=block)
+    assert curve.shape == (9,) and curve[0] == 0 and bool((curve[1:] >= curve[:-1]).all())
+    hd = damped(gram, 0.01)
+    for k in range(0, 9, block):  # after each whole step, the curve is the removed set's exact cost
+        kept, _, cost = obs_remove_columns(w, gram, k, block=block)
+        removed = torch.tensor(sorted(set(range(12)) - set(kept.tolist())), dtype=torch.int64)
+        assert float(curve[k]) == pytest.approx(cost, rel=1e-9, abs=1e-12)
+        if k:
+            assert float(curve[k]) == pytest.approx(removal_cost(w, hd, removed), rel=1e-8)

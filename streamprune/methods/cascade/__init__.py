@@ -17,7 +17,10 @@ Components (each one ``--option``, for the ablation):
   parameters buy FFN channels instead. ``base_mlp_num=6`` restores it.
 - ``allocation``: ``uniform`` (the base's equal FFN cut per layer) or ``measured``: the survey
   measures each layer's error curve of cutting its FFN (:mod:`.allocation`) and the same total
-  number of channels is handed out where it costs least (``alloc_max_frac`` caps one layer).
+  number of channels is handed out where it costs least (``alloc_max_frac`` caps one layer);
+  ``obs``: the same, with each layer's curve the greedy OBS cost of removing k channels with
+  down_proj refitted (:func:`streamprune.kernels.obs.obs_cost_curve` on the survey's Gram) —
+  the curve that matches ``selection=obs``.
 - ``selection``: ``score`` (the base's channel score picks each layer's FFN channels) or
   ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
   its input on the pruned stream, weighted per token like the reconstruction loss — channels
@@ -60,7 +63,8 @@ from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
-from .selection import obs_flop, obs_select_ffn, obs_workspace_bytes
+from ...kernels.obs import obs_cost_curve
+from .selection import obs_dtype, obs_flop, obs_select_ffn, obs_workspace_bytes
 
 CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
 BASES = ("olica", "lorap", "slimllm")
@@ -88,7 +92,7 @@ class CascadeConfig:
     # build it, streamed by the engine next to the reconstructed one): the same decisions as
     # with recon=false, reconstruction on top.
     decide_on: str = "reconstructed"
-    allocation: str = "measured"  # "measured" (per-layer FFN counts, olica base) or "uniform" (the base's)
+    allocation: str = "measured"  # per-layer FFN counts from error curves: "measured" (score order), "obs" (OBS costs); or "uniform"
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
     selection: str = "score"  # which FFN channels go: "score" (the base's) or "obs" (exact OBS cost + down_proj update)
@@ -126,9 +130,9 @@ class CascadeConfig:
             raise bad("decide_on", "'reconstructed' or 'unreconstructed'")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
-        if self.allocation not in ("uniform", "measured"):
-            raise bad("allocation", "'uniform' or 'measured'")
-        if self.allocation == "measured" and self.base != "olica":
+        if self.allocation not in ("uniform", "measured", "obs"):
+            raise bad("allocation", "'uniform', 'measured' or 'obs'")
+        if self.allocation != "uniform" and self.base != "olica":
             raise bad("allocation", "'uniform' with base lorap/slimllm (measured allocation needs base olica)")
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) or not 0 <= self.attn_scale <= 2:
             raise bad("attn_scale", "in [0, 2]")
@@ -175,7 +179,7 @@ class Cascade(Method):
         self.base = build_base(config, ratio)
         if config.base == "olica":
             self.base.attn_scale = float(config.attn_scale)
-        self.measured = config.allocation == "measured"
+        self.measured = config.allocation != "uniform"
         self.needs_survey = self.base.needs_survey or self.measured
         self.needs_pass_b = self.base.needs_pass_b
         self.pass_b_layer = self.base.pass_b_layer
@@ -193,11 +197,13 @@ class Cascade(Method):
         from dataclasses import replace
 
         knobs = self.base.knobs
-        f = shapes.intermediate_size
-        n_least = knobs.n_keep_least
-        cap = min(int(self.config.alloc_max_frac * f), f - n_least - 1)
-        counts = allocate(curves, knobs.n_ffn_pruned * shapes.num_layers, cap)
+        counts = allocate(curves, knobs.n_ffn_pruned * shapes.num_layers, self._alloc_cap(shapes.intermediate_size))
         self.base.knobs = replace(knobs, ffn_pruned_per_layer=tuple(counts))
+
+    def _alloc_cap(self, f: int) -> int:
+        """The most FFN channels one layer may give up (``alloc_max_frac``; Olica's kept 1 % and one more stay)."""
+        n_least = math.floor(self.base.config.keep_least_frac * f)
+        return min(int(self.config.alloc_max_frac * f), f - n_least - 1)
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
         return self.base.planned_specs(shapes)
@@ -217,6 +223,11 @@ class Cascade(Method):
         from ..channels import ffn_channel_scores
 
         w = observer.weights
+        if self.config.allocation == "obs":
+            curve = obs_cost_curve(w["mlp.down_proj.weight"], observer.gram, self._alloc_cap(w["mlp.down_proj.weight"].shape[1]),
+                                   damp=float(self.config.obs_damp), block=self.config.obs_block,
+                                   dtype=obs_dtype(w["mlp.down_proj.weight"].shape[1]))
+            return {**out, "ffn_curve": curve.float().cpu()}
         scores = ffn_channel_scores(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], observer.ex, observer.eh)
         order = torch.argsort(scores, stable=True)
         n_least = math.floor(self.base.config.keep_least_frac * order.numel())  # Olica keeps its least important 1 %: skip them
