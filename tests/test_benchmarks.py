@@ -97,7 +97,7 @@ def test_quality_plot_draws_each_methods_default_rows_newest_first():
         return {"row": row, "eval": ev, "achieved_ratio": ratio, "ppl": ppl}
 
     records = [rec("dense", 0, 56.1), rec("olica-20", 0.2, 119.3), rec("olica-20-nolc", 0.2, 120.6),
-               rec("cascade-20-recon_epochs=4", 0.1997, 104.6),  # the default's value, spelt out
+               rec("cascade-20-selection=obs", 0.1997, 104.6),  # the default's value, spelt out
                rec("cascade-20-recon_target=dense_stream", 0.1997, 111.6),  # not the default
                rec("olica-50", 0.5, 999.0), rec("olica-50", 0.4997, 935.8),  # the newest record wins
                rec("olica-20", 0.2, 1.0, ev="ptb:128")]

@@ -107,7 +107,7 @@ def test_attn_scale_zero_keeps_the_attention_bit_for_bit(tiny_llama, tmp_path):
 
 
 def test_workspace_forecast_fits_a_24gb_card_at_70b():
-    method = build_method("cascade", 0.2, {})
+    method = build_method("cascade", 0.2, {"selection": "score"})  # Adam's peak (OBS's: the next test)
     method.plan(LLAMA2_70B)
     # 16 B/param Adam state for the largest planned 70B layer (0.69 G params at 20 %) + 1024
     # tokens' activations (1.0 GiB): 11.3 GiB, next to a 1.6 GiB bf16 dense layer on a 24 GiB card
@@ -125,7 +125,7 @@ def test_obs_workspace_and_compute_forecast_at_70b():
     obs = 4 * f * f + 3 * f * f * 4 + 3 * d * f * 4
     assert method.workspace_bytes(LLAMA2_70B) == obs < 15 * 2**30  # above reconstruction's 11.3 GiB: OBS is the peak
     specs = method.planned_specs(LLAMA2_70B)
-    plain = build_method("cascade", 0.2, {})
+    plain = build_method("cascade", 0.2, {"selection": "score"})
     plain.plan(LLAMA2_70B)
     extra = method.extra_flop(LLAMA2_70B, specs, 256, 128) - plain.extra_flop(LLAMA2_70B, specs, 256, 128)
     assert extra == pytest.approx(sum(obs_flop(LLAMA2_70B, f - s.intermediate_size) for s in specs))
@@ -364,25 +364,27 @@ def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path)
 def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     from streamprune.engine import plan
 
-    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=E2E_OPTS, **E2E, dry_run=True)
+    score_opts = {**E2E_OPTS, "selection": "score"}  # reconstruction's arithmetic alone (OBS's: test_obs_workspace_and_compute_forecast_at_70b)
+
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=score_opts, **E2E, dry_run=True)
     fc = prune(cfg)
     _, shapes, method, specs = plan(cfg)
-    n_val = min(E2E_OPTS["recon_val_rows"], 16 // 4)
+    n_val = min(score_opts["recon_val_rows"], 16 // 4)
     train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
     want = sum(16 * 32 * 2 * dense + 2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)
     assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
     assert method.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
-    stream_target = build_method("cascade", 0.3, {**E2E_OPTS, "recon_target": "dense_stream"})
+    stream_target = build_method("cascade", 0.3, {**score_opts, "recon_target": "dense_stream"})
     assert stream_target.host_workspace_bytes(shapes, 16, 32) == 0  # targets come from the dense stream on disk
-    off = prune(replace(cfg, method_options={**E2E_OPTS, "recon": False}))
+    off = prune(replace(cfg, method_options={**score_opts, "recon": False}))
     assert off["method_tflop"] == 0 and off["method_s"] == 0
     # the dense stream is two more activation boundaries on disk (rows × seqlen × d each)
-    stream = prune(replace(cfg, method_options={**E2E_OPTS, "recon_target": "dense_stream"}))
+    stream = prune(replace(cfg, method_options={**score_opts, "recon_target": "dense_stream"}))
     assert stream["disk_bytes"] - fc["disk_bytes"] == 2 * 16 * 32 * shapes.hidden_size * 4
     # so is the decision stream (the pruned model before reconstruction); both: four
     boundary = 16 * 32 * shapes.hidden_size * 4
-    decided = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed"}))
-    both = prune(replace(cfg, method_options={**E2E_OPTS, "decide_on": "unreconstructed", "recon_target": "dense_stream"}))
+    decided = prune(replace(cfg, method_options={**score_opts, "decide_on": "unreconstructed"}))
+    both = prune(replace(cfg, method_options={**score_opts, "decide_on": "unreconstructed", "recon_target": "dense_stream"}))
     assert decided["disk_bytes"] - fc["disk_bytes"] == 2 * boundary and both["disk_bytes"] - fc["disk_bytes"] == 4 * boundary
 
 
@@ -394,7 +396,7 @@ def test_e2e_obs_selection_streamed_equals_in_memory_at_the_same_parameter_count
     out, score_out = tmp_path / "out", tmp_path / "score"
     cfg = PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E, keep_work=True)
     report = prune(cfg)
-    score = prune(PruneConfig(source=tiny_llama, out=score_out, method="cascade", ratio=0.3, method_options={"recon": False}, **E2E))
+    score = prune(PruneConfig(source=tiny_llama, out=score_out, method="cascade", ratio=0.3, method_options={"recon": False, "selection": "score"}, **E2E))
     assert _specs_of(out) == _specs_of(score_out) and report["params_pruned"] == score["params_pruned"]
     decisions = prune_in_memory(tiny_llama, build_method("cascade", 0.3, opts), _e2e_tokens(tiny_llama))
     assert _specs_of(out) == [d.spec for d in decisions]
@@ -422,7 +424,7 @@ def test_e2e_obs_allocation_curves_are_the_greedy_obs_costs(tiny_llama, tmp_path
     opts = {"recon": False, "selection": "obs", "allocation": "obs"}
     cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=opts, **E2E, keep_work=True)
     report = prune(cfg)
-    plain = prune(PruneConfig(source=tiny_llama, out=tmp_path / "plain", method="cascade", ratio=0.3, method_options={"recon": False}, **E2E))
+    plain = prune(PruneConfig(source=tiny_llama, out=tmp_path / "plain", method="cascade", ratio=0.3, method_options={"recon": False, "selection": "score"}, **E2E))
     assert report["params_pruned"] == plain["params_pruned"] and report["achieved_ratio"] == pytest.approx(0.3, abs=0.01)
     decisions = prune_in_memory(tiny_llama, build_method("cascade", 0.3, opts), _e2e_tokens(tiny_llama))
     specs = _specs_of(cfg.out)

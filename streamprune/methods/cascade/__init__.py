@@ -1,4 +1,5 @@
-"""``cascade``: streamprune's own method — a paper method's selection, then block-wise
+"""``cascade``: streamprune's own method — a paper method's attention cut, OBS selection of the
+FFN channels with an exact down_proj update, measured per-layer allocation, then block-wise
 reconstruction of every pruned layer by gradient on the streamed calibration activations.
 
 Why: a least-squares refit of ``o_proj``/``down_proj`` alone gains little on SwiGLU models
@@ -21,8 +22,8 @@ Components (each one ``--option``, for the ablation):
   ``obs``: the same, with each layer's curve the greedy OBS cost of removing k channels with
   down_proj refitted (:func:`streamprune.kernels.obs.obs_cost_curve` on the survey's Gram) —
   the curve that matches ``selection=obs``.
-- ``selection``: ``score`` (the base's channel score picks each layer's FFN channels) or
-  ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
+- ``selection``: ``obs`` (default) or ``score`` (the base's channel score picks each layer's
+  FFN channels). ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
   its input on the pruned stream, weighted per token like the reconstruction loss — channels
   leave one at a time (``obs_block`` at a time) by least exact cost, and down_proj's kept
   columns absorb what they can (a ridge toward the current weights, ``obs_damp``). Base olica
@@ -95,7 +96,9 @@ class CascadeConfig:
     allocation: str = "measured"  # per-layer FFN counts from error curves: "measured" (score order), "obs" (OBS costs); or "uniform"
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
-    selection: str = "score"  # which FFN channels go: "score" (the base's) or "obs" (exact OBS cost + down_proj update)
+    # Which FFN channels go: "obs" (exact OBS cost + down_proj refit; base olica without LC) or
+    # "score" (the base's). Whole WikiText-2 @128 (RESULTS "cascade"): OBS_NUMBERS.
+    selection: str = "obs"
     obs_damp: float = 0.01  # OBS: λ = obs_damp · mean diag of the Gram (ridge toward the current weights)
     obs_block: int = 1  # OBS: channels removed per step (1: exact greedy; more: fewer, larger steps)
 
@@ -141,7 +144,8 @@ class CascadeConfig:
         if self.selection not in ("score", "obs"):
             raise bad("selection", "'score' or 'obs'")
         if self.selection == "obs" and (self.base != "olica" or self.base_mlp_num != 0):
-            raise bad("selection", "'score' unless base=olica with base_mlp_num=0 (OBS replaces the channels LC's bypass is fitted to)")
+            raise bad("selection", "'score' unless base=olica with base_mlp_num=0 (OBS replaces the base's FFN choice, which "
+                                   "LC's bypass is fitted to): add --option selection=score")
         if isinstance(self.obs_damp, bool) or not isinstance(self.obs_damp, (int, float)) or not 0 < self.obs_damp < math.inf:
             raise bad("obs_damp", "a positive number")
         if not is_int(self.obs_block) or self.obs_block < 1:
