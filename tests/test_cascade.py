@@ -271,7 +271,7 @@ def test_e2e_output_loads_and_reconstruction_changed_weights(cascade_run, tiny_l
         assert torch.isfinite(model(input_ids=tokens[:2]).logits).all()
 
 
-@pytest.mark.parametrize("point,extra", [("reconstructed:1", {}), ("observe:2", {}), ("observe:1", {"selection": "obs"}),
+@pytest.mark.parametrize("point,extra", [("reconstructed:1", {}), ("observe:2", {}),
                                          ("reconstructed:1", {"decide_on": "unreconstructed"}), ("observe:2", {"decide_on": "unreconstructed"})])
 def test_e2e_kill_inside_reconstruction_then_resume_is_byte_identical(tiny_llama, tmp_path, point, extra):
     options = {"recon_epochs": 1, "recon_lr": 1e-3, "recon_batch_tokens": 64, "recon_val_rows": 2, **extra}
