@@ -6,7 +6,7 @@ references for the tests live in ``streamprune.kernels.reference``.
 """
 
 from streamprune.kernels.moments import Moments, colsum, cross, energy, gram
-from streamprune.kernels.obs import obs_remove_columns
+from streamprune.kernels.obs import obs_cost_curve, obs_remove_columns
 from streamprune.kernels.pearson import linear_fit_pearson, pearson_from_moments
 from streamprune.kernels.ridge import ridge_lambda, ridge_solve
 from streamprune.kernels.svd import SOLVERS, choose_solver, truncated_svd, weighted_svd
@@ -20,6 +20,7 @@ __all__ = [
     "energy",
     "gram",
     "linear_fit_pearson",
+    "obs_cost_curve",
     "obs_remove_columns",
     "pearson_from_moments",
     "ridge_lambda",

@@ -46,19 +46,6 @@ def ls_kept_weights(w: Tensor, h: Tensor, kept: Tensor) -> Tensor:
     return torch.cholesky_solve(rhs, chol).T
 
 
-def removal_cost(w: Tensor, h: Tensor, removed: Tensor) -> float:
-    """``tr((W' − W) H (W' − W)ᵀ)`` for the optimal ``W'`` that drops columns ``removed``
-    (brute force through :func:`ls_kept_weights`; the tests' reference)."""
-    n = h.shape[0]
-    mask = torch.ones(n, dtype=torch.bool, device=h.device)
-    mask[removed] = False
-    kept = mask.nonzero().squeeze(1)
-    full = torch.zeros(w.shape[0], n, dtype=h.dtype, device=h.device)
-    full[:, kept] = ls_kept_weights(w, h, kept)
-    delta = full - w.to(h.dtype)
-    return float(((delta @ h) * delta).sum())
-
-
 def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype, protect: Tensor | None) -> tuple[Tensor, list[tuple[int, float]]]:
     """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step])."""
     n = h.shape[0]

@@ -73,3 +73,16 @@ def weighted_svd_ref(w: Tensor, act_scale: Tensor, rank: int, floor: float = 1e-
     s = s.clamp_min(floor * s.max())
     U, S, Vh = svd_ref(w.to(F64) * s, rank)
     return (U * S) @ Vh / s
+
+
+def obs_removal_cost_ref(w: Tensor, h: Tensor, removed: Tensor) -> float:
+    """``min_{W'} tr((W' − W) H (W' − W)ᵀ)`` over ``W'`` zero on columns ``removed``, by a direct
+    float64 solve on the kept columns K: ``W'_K = (W H)_{:,K} H_KK⁻¹`` (the OBS kernel's reference)."""
+    h, w = h.to(F64), w.to(F64)
+    keep = torch.ones(h.shape[0], dtype=torch.bool)
+    keep[removed] = False
+    wk = torch.linalg.solve(h[keep][:, keep], (w @ h)[:, keep].T).T
+    full = torch.zeros_like(w)
+    full[:, keep] = wk
+    delta = full - w
+    return float(((delta @ h) * delta).sum())

@@ -1,4 +1,4 @@
-"""OBS column removal (``streamprune.kernels.obs``) against brute-force least squares.
+"""OBS column removal (``streamprune.kernels.obs``) against brute-force least squares (``lstsq``, and ``kernels.reference.obs_removal_cost_ref``).
 
 Run: ``.venv/bin/pytest tests/test_obs.py -q``. Explicit activations ``h`` (tokens, n) with
 correlated columns, a consumer ``W`` (out, n); every figure is checked against the direct
@@ -12,7 +12,8 @@ import itertools
 import pytest
 import torch
 
-from streamprune.kernels.obs import damped, ls_kept_weights, obs_cost_curve, obs_remove_columns, removal_cost
+from streamprune.kernels.obs import damped, ls_kept_weights, obs_cost_curve, obs_remove_columns
+from streamprune.kernels.reference import obs_removal_cost_ref as removal_cost
 
 
 def _problem(n=12, out=5, tokens=200, seed=0):

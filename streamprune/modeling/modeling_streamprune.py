@@ -2,7 +2,7 @@
 
 SELF-CONTAINED: imports only ``torch``, ``transformers`` and its siblings
 ``configuration_streamprune.py`` and ``cache_compat_streamprune.py`` (the transformers-version
-shims). Both files are copied into every output folder so that
+shims). All three files are copied into every output folder so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without
 ``streamprune`` installed; never import ``streamprune`` here.
 

@@ -58,13 +58,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ...kernels import obs_cost_curve
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
 from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
-from ...kernels.obs import obs_cost_curve
 from .selection import obs_dtype, obs_flop, obs_select_ffn, obs_workspace_bytes
 
 CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
@@ -206,7 +206,8 @@ class Cascade(Method):
 
     def _alloc_cap(self, f: int) -> int:
         """The most FFN channels one layer may give up (``alloc_max_frac``; Olica's kept 1 % and one more stay)."""
-        n_least = math.floor(self.base.config.keep_least_frac * f)
+        # From the config, not the plan: the survey (which needs this) may come before plan().
+        n_least = math.floor(self.base.config.keep_least_frac * f)  # = Olica's plan (budget.ffn_counts)
         return min(int(self.config.alloc_max_frac * f), f - n_least - 1)
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
