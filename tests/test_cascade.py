@@ -248,6 +248,9 @@ def test_e2e_streamed_equals_in_memory(cascade_run, tiny_llama):
     for i, d in enumerate(decisions):
         assert d.info["recon_steps"] == journal[i]["recon_steps"] == E2E_OPTS["recon_epochs"] * 7  # 12 train rows: chunks 5+5+2, 2-row batches
         assert d.info["recon_val_after"] <= d.info["recon_val_before"]
+        history = journal[i]["recon_history"]  # the held-out curve: start, then one value per epoch
+        assert len(history) == E2E_OPTS["recon_epochs"] + 1 and history[0] == journal[i]["recon_val_before"]
+        assert min(history) == journal[i]["recon_val_after"]
         for key in ("recon_val_before", "recon_val_after"):
             assert journal[i][key] == pytest.approx(d.info[key], rel=5e-3), (i, key)
         for name, ref in d.tensors.items():

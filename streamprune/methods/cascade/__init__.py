@@ -265,7 +265,8 @@ class Cascade(Method):
                                    row_offset=data.row_offset, ranks=data.ranks)
         tensors = {k: result.state[k].to(v.dtype).contiguous() for k, v in decision.tensors.items()}
         info = {**decision.info, "recon_val_before": round(result.val_before, 6), "recon_val_after": round(result.val_after, 6),
-                "recon_best_epoch": result.best_epoch, "recon_steps": result.steps}
+                "recon_best_epoch": result.best_epoch, "recon_steps": result.steps,
+                "recon_history": [round(v, 6) for v in result.history]}  # held-out loss before epoch 1 and after each
         refined = Decision(decision.spec, tensors, info)
         refined.validate(layer_idx)
         return refined
