@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import parse_row  # noqa: E402  (sibling script: the row names' grammar)
+from quality import NSAMPLES, parse_row, split_calibration  # noqa: E402  (sibling script: the row names' grammar)
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"
 LABELS = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM", "cascade": "cascade (ours)", "magnitude": "magnitude"}
@@ -29,6 +29,9 @@ def is_default(method: str, options: dict) -> bool:
     from streamprune.methods import build_method
 
     try:
+        options, nsamples = split_calibration(method, options)
+        if nsamples != NSAMPLES.get(method, 128):
+            return False  # another calibration size is another setting
         return build_method(method, 0.2, options).config == build_method(method, 0.2, {}).config
     except (TypeError, ValueError):
         return False

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import NSAMPLES, parse_row  # noqa: E402
+from quality import parse_row, split_calibration  # noqa: E402
 
 from streamprune.checkpoint import file_sha256  # noqa: E402
 from streamprune.demo_model import default_cache_dir, ensure_demo_model  # noqa: E402
@@ -49,8 +49,9 @@ def compare(out: Path, reference: Path) -> str:
 
 def prune_row(row: str, source: Path, out: Path, nsamples: int | None, seqlen: int) -> dict:
     method, ratio, options = parse_row(row)
+    options, row_nsamples = split_calibration(method, options)
     cmd = [sys.executable, "-m", "streamprune", "prune", str(source), "--out", str(out), "--method", method,
-           "--ratio", str(ratio), "--calib", "c4", "--nsamples", str(nsamples or NSAMPLES.get(method, 128)),
+           "--ratio", str(ratio), "--calib", "c4", "--nsamples", str(nsamples or row_nsamples),
            "--seqlen", str(seqlen), "--no-progress", "--fresh"]
     for key, value in options.items():
         cmd += ["--option", f"{key}={value}"]

@@ -7,7 +7,9 @@ Each finished (row, eval) is appended to ``benchmarks/results/quality.jsonl`` an
 on a rerun (the script resumes like the engine does). Prints a markdown table, then one
 JSON line. Calibration: the bundled C4 sample, method defaults (Olica 256 x 128, seed 0).
 Rows: ``dense`` or ``METHOD-PCT[-nolc][-KEY=VALUE ...]`` (``-nolc``: Olica with ``mlp_num=0``;
-``KEY=VALUE``: a method option as ``--option`` takes it, e.g. ``cascade-20-recon=false``).
+``KEY=VALUE``: a method option as ``--option`` takes it, e.g. ``cascade-20-recon=false``, or
+``nsamples=N``: N calibration sequences instead of the method's default, e.g.
+``cascade-20-nsamples=512``).
 
     python benchmarks/quality.py --table [--rows ...] [--evals ...]
 
@@ -46,6 +48,16 @@ def parse_row(row: str) -> tuple[str | None, float, dict]:
             except json.JSONDecodeError:
                 options[key] = value
     return method, int(pct) / 100, options
+
+
+def split_calibration(method: str, options: dict) -> tuple[dict, int]:
+    """(the method's options, calibration sequences) of a parsed row: ``nsamples`` is the
+    calibration's, not the method's (default: the paper's, :data:`NSAMPLES`)."""
+    options = dict(options)
+    nsamples = options.pop("nsamples", NSAMPLES.get(method, 128))
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"row option nsamples must be an int >= 1, got {nsamples!r}")
+    return options, nsamples
 
 
 def load_done() -> dict:
@@ -120,8 +132,9 @@ def main() -> None:
         folder, report = model, None
         if method is not None:
             folder = default_cache_dir() / "quality" / row
+            options, nsamples = split_calibration(method, options)
             report = prune(PruneConfig(source=model, out=folder, method=method, ratio=ratio, method_options=options,
-                                       calib="c4", nsamples=NSAMPLES.get(method, 128), seqlen=128, device=args.device))
+                                       calib="c4", nsamples=nsamples, seqlen=128, device=args.device))
         for ev in args.evals.split(","):
             dataset, seqlen = ev.split(":")
             key = (row, ev, args.max_windows)

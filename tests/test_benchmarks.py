@@ -99,10 +99,17 @@ def test_quality_plot_draws_each_methods_default_rows_newest_first():
     records = [rec("dense", 0, 56.1), rec("olica-20", 0.2, 119.3), rec("olica-20-nolc", 0.2, 120.6),
                rec("cascade-20-selection=obs", 0.1997, 104.6),  # the default's value, spelt out
                rec("cascade-20-recon_target=dense_stream", 0.1997, 111.6),  # not the default
+               rec("cascade-20-nsamples=512", 0.1997, 99.0),  # another calibration size: not the default
+               rec("olica-20-nsamples=256", 0.2, 118.0),  # the default size, spelt out: the newer olica-20 point
                rec("olica-50", 0.5, 999.0), rec("olica-50", 0.4997, 935.8),  # the newest record wins
                rec("olica-20", 0.2, 1.0, ev="ptb:128")]
     series = plot_quality.points(records, "wikitext2:128", None)
-    assert series == {"olica": [(0.0, 56.1), (0.2, 119.3), (0.4997, 935.8)], "cascade": [(0.0, 56.1), (0.1997, 104.6)]}
+    assert series == {"olica": [(0.0, 56.1), (0.2, 118.0), (0.4997, 935.8)], "cascade": [(0.0, 56.1), (0.1997, 104.6)]}
+    quality = sys.modules["quality"]  # plot_quality's sibling: the row grammar
+    assert quality.split_calibration("cascade", quality.parse_row("cascade-20-nsamples=512-recon=false")[2]) == ({"recon": False}, 512)
+    assert quality.split_calibration("slimllm", {}) == ({}, 32)
+    with pytest.raises(ValueError, match="nsamples"):
+        quality.split_calibration("olica", {"nsamples": "many"})
 
 
 @pytest.mark.slow
