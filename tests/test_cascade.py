@@ -130,6 +130,13 @@ def test_obs_workspace_and_compute_forecast_at_70b():
     extra = method.extra_flop(LLAMA2_70B, specs, 256, 128) - plain.extra_flop(LLAMA2_70B, specs, 256, 128)
     assert extra == pytest.approx(sum(obs_flop(LLAMA2_70B, f - s.intermediate_size) for s in specs))
     assert 1e13 < extra / len(specs) < 1e14  # dominated by the f x f inverse: f³ = 2.4e13 per layer
+    # allocation=obs: the survey's greedy curve (the inverse + cap rank-one steps) on the same workspace
+    curve = build_method("cascade", 0.2, {"selection": "score", "allocation": "obs"})
+    curve.plan(LLAMA2_70B)
+    assert curve.workspace_bytes(LLAMA2_70B) == obs
+    cap = int(0.8 * f)
+    assert curve.extra_flop(LLAMA2_70B, specs, 256, 128) - plain.extra_flop(LLAMA2_70B, specs, 256, 128) == pytest.approx(
+        len(specs) * (f ** 3 + cap * (2 * f * f + 3 * d * f)))
 
 
 # ---- reconstruction on explicit activations -------------------------------------------------

@@ -276,7 +276,7 @@ class Cascade(Method):
         (they are never alive together): Adam on the largest planned layer (fp32 weights,
         gradients, two moments: 16 B/param) + one batch's activations kept for backward."""
         base = self.base.workspace_bytes(shapes)
-        if self.config.selection == "obs":  # after the base's decision, never alive with its scratch
+        if "obs" in (self.config.selection, self.config.allocation):  # OBS (decision, or the survey's curve): never alive with other scratch
             base = max(base, obs_workspace_bytes(shapes))
         if not self.needs_reconstruction:
             return base
@@ -288,10 +288,14 @@ class Cascade(Method):
         FLOP/param: the dense layer on the pruned input, or the dense stream's own step); per epoch, training tokens through the pruned layer forward and backward
         (6 FLOP/param); held-out tokens forward through it before the first epoch and after each
         (every epoch: an upper bound when ``recon_min_gain`` stops layers early). With
-        ``selection="obs"``, each layer's OBS arithmetic as well (:func:`.selection.obs_flop`)."""
+        ``selection="obs"``, each layer's OBS arithmetic as well (:func:`.selection.obs_flop`); with
+        ``allocation="obs"``, the survey's greedy OBS curve per layer (up to the cap, no final solve)."""
         cfg = self.config
         f = shapes.intermediate_size
         obs = sum(obs_flop(shapes, f - s.intermediate_size) for s in specs) if cfg.selection == "obs" else 0.0
+        if cfg.allocation == "obs":
+            n = self._alloc_cap(f)
+            obs += len(specs) * float(f ** 3 + n * (2 * f * f + 3 * shapes.hidden_size * f))
         if not self.needs_reconstruction:
             return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)
