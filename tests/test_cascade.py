@@ -107,7 +107,7 @@ def test_attn_scale_zero_keeps_the_attention_bit_for_bit(tiny_llama, tmp_path):
 
 
 def test_workspace_forecast_fits_a_24gb_card_at_70b():
-    method = build_method("cascade", 0.2, {"selection": "score"})  # Adam's peak (OBS's: the next test)
+    method = build_method("cascade", 0.2, {"selection": "score", "allocation": "measured"})  # Adam's peak (OBS's: the next test)
     method.plan(LLAMA2_70B)
     # 16 B/param Adam state for the largest planned 70B layer (0.69 G params at 20 %) + 1024
     # tokens' activations (1.0 GiB): 11.3 GiB, next to a 1.6 GiB bf16 dense layer on a 24 GiB card
@@ -119,19 +119,19 @@ def test_workspace_forecast_fits_a_24gb_card_at_70b():
 def test_obs_workspace_and_compute_forecast_at_70b():
     from streamprune.methods.cascade.selection import obs_flop
 
-    method = build_method("cascade", 0.2, {"selection": "obs"})
+    method = build_method("cascade", 0.2, {"selection": "obs", "allocation": "measured"})
     method.plan(LLAMA2_70B)
     f, d = 28672, 8192  # f > 8192: fp32 arithmetic; the Gram, its damped copy, Cholesky factor, inverse + 3 copies of down
     obs = 4 * f * f + 3 * f * f * 4 + 3 * d * f * 4
     assert method.workspace_bytes(LLAMA2_70B) == obs < 15 * 2**30  # above reconstruction's 11.3 GiB: OBS is the peak
     specs = method.planned_specs(LLAMA2_70B)
-    plain = build_method("cascade", 0.2, {"selection": "score"})
+    plain = build_method("cascade", 0.2, {"selection": "score", "allocation": "measured"})
     plain.plan(LLAMA2_70B)
     extra = method.extra_flop(LLAMA2_70B, specs, 256, 128) - plain.extra_flop(LLAMA2_70B, specs, 256, 128)
     assert extra == pytest.approx(sum(obs_flop(LLAMA2_70B, f - s.intermediate_size) for s in specs))
     assert 1e13 < extra / len(specs) < 1e14  # dominated by the f x f inverse: f³ = 2.4e13 per layer
     # allocation=obs: the survey's greedy curve (the inverse + cap rank-one steps) on the same workspace
-    curve = build_method("cascade", 0.2, {"selection": "score", "allocation": "obs"})
+    curve = build_method("cascade", 0.2, {"selection": "score"})  # allocation=obs: the default
     curve.plan(LLAMA2_70B)
     assert curve.workspace_bytes(LLAMA2_70B) == obs
     cap = int(0.8 * f)
@@ -357,7 +357,7 @@ def test_measured_allocation_keeps_the_exact_parameter_count(shapes, ratio):
 
 
 def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path):
-    opts = {"recon": False}  # allocation="measured" is the default
+    opts = {"recon": False, "allocation": "measured"}  # (obs, the default: the next tests)
     out = tmp_path / "out"
     report = prune(PruneConfig(source=tiny_llama, out=out, method="cascade", ratio=0.3, method_options=opts, **E2E))
     method = build_method("cascade", 0.3, opts)
@@ -374,7 +374,7 @@ def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path)
 def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     from streamprune.engine import plan
 
-    score_opts = {**E2E_OPTS, "selection": "score"}  # reconstruction's arithmetic alone (OBS's: test_obs_workspace_and_compute_forecast_at_70b)
+    score_opts = {**E2E_OPTS, "selection": "score", "allocation": "measured"}  # reconstruction's arithmetic alone (OBS's: test_obs_workspace_and_compute_forecast_at_70b)
 
     cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=score_opts, **E2E, dry_run=True)
     fc = prune(cfg)
