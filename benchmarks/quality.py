@@ -11,6 +11,8 @@ Rows: ``dense`` or ``METHOD-PCT[-nolc][-KEY=VALUE ...]`` (``-nolc``: Olica with 
 ``nsamples=N``: N calibration sequences instead of the method's default, e.g.
 ``cascade-20-nsamples=512``).
 
+    python benchmarks/quality.py --rows olica-10,olica-30 --prune-only   # prune now, evaluate in a later run
+
     python benchmarks/quality.py --table [--rows ...] [--evals ...]
 
 renders the table of ``benchmarks/RESULTS.md`` from the records alone (no pruning, no
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="subset for quick looks (default: whole test set)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--table", action="store_true", help="only print the RESULTS.md table from the records")
+    ap.add_argument("--prune-only", action="store_true", help="prune the rows (resumable) and evaluate nothing: the evaluations come later")
     args = ap.parse_args()
     done = load_done()
     if args.table:
@@ -135,6 +138,11 @@ def main() -> None:
             options, nsamples = split_calibration(method, options)
             report = prune(PruneConfig(source=model, out=folder, method=method, ratio=ratio, method_options=options,
                                        calib="c4", nsamples=nsamples, seqlen=128, device=args.device))
+            if args.prune_only:
+                print(json.dumps({"row": row, "achieved_ratio": report["achieved_ratio"]}), flush=True)
+                continue
+        elif args.prune_only:
+            continue
         for ev in args.evals.split(","):
             dataset, seqlen = ev.split(":")
             key = (row, ev, args.max_windows)
@@ -150,6 +158,8 @@ def main() -> None:
                     f.write(json.dumps(rec, sort_keys=True) + "\n")
                 done[key] = rec
             table.setdefault(row, {})[ev] = done[key]
+    if args.prune_only:
+        return
     evals = args.evals.split(",")
     print("| model | achieved ratio | " + " | ".join(f"{e.split(':')[0]} PPL @{e.split(':')[1]}" for e in evals) + " |")
     print("|---|---|" + "---|" * len(evals))
