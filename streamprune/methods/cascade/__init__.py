@@ -65,7 +65,7 @@ from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import ReconSettings, reconstruct_layer
-from .selection import obs_dtype, obs_flop, obs_select_ffn, obs_workspace_bytes
+from .selection import obs_dtype, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
 
 CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
 BASES = ("olica", "lorap", "slimllm")
@@ -297,8 +297,7 @@ class Cascade(Method):
         f = shapes.intermediate_size
         obs = sum(obs_flop(shapes, f - s.intermediate_size) for s in specs) if cfg.selection == "obs" else 0.0
         if cfg.allocation == "obs":
-            n = self._alloc_cap(f)
-            obs += len(specs) * float(f ** 3 + n * (2 * f * f + 3 * shapes.hidden_size * f))
+            obs += len(specs) * obs_greedy_flop(shapes, self._alloc_cap(f))
         if not self.needs_reconstruction:
             return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)

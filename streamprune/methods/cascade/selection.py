@@ -50,10 +50,17 @@ def obs_workspace_bytes(shapes: ModelShapes) -> int:
     return 4 * f * f + 3 * f * f * s + 3 * d * f * s
 
 
+def obs_greedy_flop(shapes: ModelShapes, n_remove: int) -> float:
+    """Arithmetic of the greedy OBS steps on one layer's down_proj (also the survey's
+    ``allocation="obs"`` curve): the inverse (Cholesky f³/3 + inverse 2f³/3), per removed channel
+    a rank-one downdate of the inverse (2f²) and of down_proj (2df)."""
+    f, d = shapes.intermediate_size, shapes.hidden_size
+    return float(f ** 3 + n_remove * (2 * f * f + 3 * d * f))
+
+
 def obs_flop(shapes: ModelShapes, n_prune: int) -> float:
-    """Arithmetic of one layer's OBS: the inverse (Cholesky f³/3 + inverse 2f³/3), per removed
-    channel a rank-one downdate of the inverse (2f²) and of down_proj (2df), the final solve on
-    the kept columns (Cholesky k³/3 + 2dfk for the right-hand side + 2dk² for the solves)."""
+    """Arithmetic of one layer's OBS selection: the greedy steps (:func:`obs_greedy_flop`), then
+    the final solve on the kept columns (Cholesky k³/3 + 2dfk for the right-hand side + 2dk² for the solves)."""
     f, d = shapes.intermediate_size, shapes.hidden_size
     k = f - n_prune
-    return float(f ** 3 + n_prune * (2 * f * f + 3 * d * f) + k ** 3 / 3 + 2 * d * f * k + 2 * d * k * k)
+    return obs_greedy_flop(shapes, n_prune) + float(k ** 3 / 3 + 2 * d * f * k + 2 * d * k * k)
