@@ -218,9 +218,12 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                 weights = to_device(next(ahead), device, dtype)
                 dense = adapter.build_layer(i, weights, device, dtype)
                 weight_bytes = nbytes(weights)
+            # Reconstruction's default target is the dense layer on the pruned stream — what pass A
+            # computes when it observes that stream: keep its outputs rather than run the layer twice.
+            targets = [] if method.needs_reconstruction and dense_cache is None and seen is cache else None
             with prof.phase("forward"):
                 obs = method.observer(i, "A", weights)
-                observe(dense, seen, i, pe, obs, device)
+                observe(dense, seen, i, pe, obs, device, keep=targets)
                 crash_point(f"observe:{i}")
             with prof.phase("sync"):  # sums over all ranks' shards (no-op in one process)
                 ranks.reduce_observer(obs)
@@ -244,7 +247,9 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                     propagate(adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype), decision_cache, i, pe, device)
             if method.needs_reconstruction:
                 with prof.phase("reconstruct"):
-                    if dense_cache is None:
+                    if targets:  # (pruned-stream input, the dense layer's output on it from pass A) pairs
+                        chunks = lambda: zip(cache.read(i, device), (t.to(device) for t in targets))  # noqa: E731
+                    elif dense_cache is None:  # the method runs the dense layer on the input itself
                         chunks = lambda: cache.read(i, device)  # noqa: E731
                     else:  # (pruned-stream input, dense-stream output) pairs, chunk by chunk
                         chunks = lambda: zip(cache.read(i, device), dense_cache.read(i + 1, device))  # noqa: E731
@@ -274,7 +279,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                     if c is not None:
                         c.drop(i)
             out_specs[i] = decision.spec
-            del weights, dense, pruned, decision
+            del weights, dense, pruned, decision, targets
             done_s.append(time.perf_counter() - prof.start)
             eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
             rec = prof.record(bytes_read=weight_bytes + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + out_bytes, eta_s=round(eta, 1))

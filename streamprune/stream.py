@@ -31,13 +31,18 @@ def embed_to_boundary(cache: ActivationCache, tokens: torch.Tensor, embed: torch
 
 
 @torch.no_grad()
-def observe(layer, cache: ActivationCache, boundary: int, pe, observer, device) -> None:
-    """Run ``layer`` over boundary ``boundary`` feeding ``observer``; outputs discarded."""
+@torch.no_grad()
+def observe(layer, cache: ActivationCache, boundary: int, pe, observer, device, keep: list | None = None) -> None:
+    """Run ``layer`` over boundary ``boundary`` feeding ``observer``; the outputs are discarded,
+    or appended chunk by chunk to ``keep`` on the host when it is given (a caller that needs
+    them again later, e.g. as reconstruction targets, so the layer does not run twice)."""
     if observer is None:
         return
     with observing(layer, observer):
         for x in cache.read(boundary, device):
-            layer(x, pe)
+            y = layer(x, pe)
+            if keep is not None:
+                keep.append(y.to("cpu"))
 
 
 @torch.no_grad()

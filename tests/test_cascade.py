@@ -371,6 +371,29 @@ def test_e2e_measured_allocation_streamed_equals_in_memory(tiny_llama, tmp_path)
             assert rel(streamed[f"model.layers.{i}.{name}"], ref) < 5e-4, (i, name)
 
 
+def test_dense_layer_runs_once_per_chunk_its_outputs_are_the_reconstruction_targets(tiny_llama, tmp_path, monkeypatch):
+    """Pass A already runs the dense layer on the pruned stream: its outputs are kept as the
+    reconstruction targets, so the dense layer runs once per chunk and layer (16 rows, 5 a
+    chunk: 4), not twice; with the decision stream (pass A sees another input) twice."""
+    from streamprune.adapters.llama import LlamaFamilyAdapter
+
+    calls = []
+    build = LlamaFamilyAdapter.build_layer
+
+    def counting(self, i, tensors, device, dtype):
+        layer = build(self, i, tensors, device, dtype)
+        layer.register_forward_pre_hook(lambda *_: calls.append(i))
+        return layer
+
+    monkeypatch.setattr(LlamaFamilyAdapter, "build_layer", counting)
+    for options, per_chunk in (({}, 1), ({"decide_on": "unreconstructed"}, 2)):
+        calls.clear()
+        prune(PruneConfig(source=tiny_llama, out=tmp_path / f"out{per_chunk}", method="cascade", ratio=0.3,
+                          method_options={**E2E_OPTS, **options}, **E2E))
+        layers = open_model(tiny_llama).shapes().num_layers
+        assert sorted(calls) == sorted(list(range(layers)) * 4 * per_chunk + list(range(layers)) * 4)  # + the survey's pass
+
+
 def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     from streamprune.engine import plan
 
@@ -381,8 +404,11 @@ def test_preflight_forecasts_reconstruction_compute(tiny_llama, tmp_path):
     _, shapes, method, specs = plan(cfg)
     n_val = min(score_opts["recon_val_rows"], 16 // 4)
     train, val, dense = (16 - n_val) * 32, n_val * 32, shapes.dense_spec().num_params()
-    want = sum(16 * 32 * 2 * dense + 2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)
-    assert fc["method_tflop"] == round(want / 1e12, 3) and fc["method_s"] > 0
+    fit = sum(2 * train * 6 * s.num_params() + 3 * val * 2 * s.num_params() for s in specs)  # the dense targets are pass A's outputs
+    assert method.extra_flop(shapes, specs, 16, 32) == fit and fc["method_tflop"] == round(fit / 1e12, 3) and fc["method_s"] > 0
+    # with the decision stream, the dense layer runs once more per token: on the un-reconstructed input
+    decided_method = build_method("cascade", 0.3, {**score_opts, "decide_on": "unreconstructed"})
+    assert decided_method.extra_flop(shapes, specs, 16, 32) == fit + len(specs) * 16 * 32 * 2 * dense
     assert method.host_workspace_bytes(shapes, 16, 32) == 16 * 32 * shapes.hidden_size * 4  # the kept dense targets
     stream_target = build_method("cascade", 0.3, {**score_opts, "recon_target": "dense_stream"})
     assert stream_target.host_workspace_bytes(shapes, 16, 32) == 0  # targets come from the dense stream on disk

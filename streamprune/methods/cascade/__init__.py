@@ -288,7 +288,8 @@ class Cascade(Method):
 
     def extra_flop(self, shapes: ModelShapes, specs: list[LayerSpec], nsamples: int, seqlen: int) -> float:
         """Reconstruction (matmul FLOPs): the dense target once per calibration token (2
-        FLOP/param: the dense layer on the pruned input, or the dense stream's own step); per epoch, training tokens through the pruned layer forward and backward
+        FLOP/param: the dense stream's own step, or the dense layer on the un-reconstructed
+        input; none with the default target and order, where pass A's outputs are the targets); per epoch, training tokens through the pruned layer forward and backward
         (6 FLOP/param); held-out tokens forward through it before the first epoch and after each
         (every epoch: an upper bound when ``recon_min_gain`` stops layers early). With
         ``selection="obs"``, each layer's OBS arithmetic as well (:func:`.selection.obs_flop`); with
@@ -302,7 +303,7 @@ class Cascade(Method):
             return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)
         train, val = (nsamples - n_val) * seqlen, n_val * seqlen
-        dense = shapes.dense_spec().num_params()
+        dense = shapes.dense_spec().num_params() if self.needs_dense_stream or self.needs_decision_stream else 0
         return obs + float(sum(nsamples * seqlen * 2 * dense + cfg.recon_epochs * train * 6 * s.num_params()
                          + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
 

@@ -23,8 +23,9 @@ index), the data order is the cache's chunk order, and the arithmetic is plain f
 a resumed run reproduces the same weights bit for bit on one device type.
 
 Cost: the dense layer runs once per calibration token (its outputs are kept on the host,
-``rows × seqlen × d`` in the layer's dtype, for every epoch and validation); the pruned layer
-runs forward and backward once per training token and epoch.
+``rows × seqlen × d`` in the layer's dtype, for every epoch and validation; the engine hands
+over its pass-A outputs as ``(x, target)`` pairs when pass A ran it on the same input, so then
+not even that); the pruned layer runs forward and backward once per training token and epoch.
 
 Data parallel under torchrun (``ranks``, :class:`streamprune.distributed.Ranks`): each rank
 holds its own shard of the calibration rows (global rows ``row_offset…``; the held-out rows
