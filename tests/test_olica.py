@@ -363,6 +363,24 @@ def test_lc_reduces_ffn_residual_on_calibration_data():
         x = pruned_forward(after.spec, after.tensors, x, cfg)
 
 
+def test_survey_without_lc_layers_skips_the_linearity_moments():
+    """mlp_num=0: no LC layer to choose, so the survey keeps only the o_proj energy (the two
+    d x d moments per token would go unused) and plans the same specs as a full survey."""
+    cfg = tiny_config(L=3)
+    layers = [make_layer(cfg, i, seed=10 + i) for i in range(3)]
+    x = calib_inputs(cfg, n=4, T=32)
+    shapes = shapes_of(cfg)
+    method = Olica(OlicaConfig(mlp_num=0), 0.3)
+    observer = method.survey_observer(0, dense_weights(layers[0]))
+    assert not observer.moments
+    result = survey(method, layers, cfg, x)
+    assert all(set(r) == {"o_out_energy"} for r in result)
+    method.plan(shapes, result)
+    full = Olica(OlicaConfig(mlp_num=0), 0.3)
+    full.plan(shapes, [{**r, "linearity": torch.tensor(0.5)} for r in result])
+    assert method.planned_specs(shapes) == full.planned_specs(shapes) and method.knobs.lc_layers == ()
+
+
 def test_survey_result_is_small_cpu_tensors():
     cfg, layers, x, method, shapes, _ = _tiny_run(L=2)
     res = method._survey[0]

@@ -12,8 +12,9 @@ measures); the FFN channel score and selection are LoRAP's too (``channels``).
 
 Passes (see :mod:`streamprune.methods.base`):
 
-- survey (dense model, dense hidden states): per layer the FFN linearity score and the
-  o_proj output energy (the Fast-OND statistic). A few floats per layer, journaled.
+- survey (dense model, dense hidden states): per layer the FFN linearity score (only with LC
+  layers to choose, ``mlp_num > 0``) and the o_proj output energy (the Fast-OND statistic).
+  A few floats per layer, journaled.
 - pass A (dense layer, sequentially pruned hidden states): attention-input energy, per
   head h×h Gram of the o_proj input, MLP-input and down_proj-input energies.
 - decide: Q/K factors, rotated + sliced V/O, sliced FFN; LC layers get a *zero* bypass so
@@ -200,9 +201,10 @@ class Olica(Method):
         q_rank, k_rank, h_v = attention_knobs(shapes, s_qk, s_vo)
         n_least, n_pruned = ffn_counts(shapes.intermediate_size, s_mlp, cfg.keep_least_frac)
         if survey is not None:
-            if len(survey) != L or any(not {"linearity", "o_out_energy"} <= set(s) for s in survey):
-                raise ValueError(f"olica survey must hold {L} dicts with 'linearity' and 'o_out_energy'")
-            lc_layers = pick_lc_layers([float(s["linearity"]) for s in survey], mlp_num)
+            keys = {"linearity", "o_out_energy"} if mlp_num else {"o_out_energy"}
+            if len(survey) != L or any(not keys <= set(s) for s in survey):
+                raise ValueError(f"olica survey must hold {L} dicts with {sorted(keys)}")
+            lc_layers = pick_lc_layers([float(s["linearity"]) for s in survey], mlp_num) if mlp_num else ()
         else:
             lc_layers = tuple(range(mlp_num))  # provisional: same parameter count
         self.knobs = OlicaPlan(s_qk, s_vo, s_mlp, q_rank, k_rank, h_v, n_least, n_pruned, lc_rank,
@@ -225,14 +227,22 @@ class Olica(Method):
         return layer_spec(shapes, p.q_rank, p.k_rank, p.v_head_dim, f, p.lc_rank if i in p.lc_layers else 0)
 
     # ---- survey -------------------------------------------------------------------------------
+    def _wants_lc(self, d: int) -> bool:
+        """Whether any layer can get Linear Calibration (else the survey skips the linearity moments)."""
+        return self.config.mlp_num > 0 and math.floor(self.config.lc_rank_ratio * d) > 0
+
     def survey_observer(self, layer_idx: int, weights: dict[str, Tensor]) -> SurveyObserver:
-        return SurveyObserver(weights["mlp.down_proj.weight"].shape[0])
+        d = weights["mlp.down_proj.weight"].shape[0]
+        return SurveyObserver(d, moments=self._wants_lc(d))
 
     def survey_result(self, layer_idx: int, observer: SurveyObserver) -> dict[str, Tensor]:
+        out = {"o_out_energy": observer.eo.float().cpu()}
+        if not observer.moments:
+            return out
         m = observer.mlp
         m.check_finite(f"olica survey statistics of layer {layer_idx}")
         score = linearity_score(m.n, m.sx, m.xtx, m.xty, m.sy, m.syy_diag, self.config.percdamp)
-        return {"linearity": torch.tensor(score, dtype=torch.float32), "o_out_energy": observer.eo.float().cpu()}
+        return {"linearity": torch.tensor(score, dtype=torch.float32), **out}
 
     # ---- per layer ---------------------------------------------------------------------------
     def observer(self, layer_idx: int, pass_name: str, weights: dict[str, Tensor]):

@@ -25,18 +25,22 @@ _BLOCK = 4096  # tokens cast to fp32 at a time
 
 
 class SurveyObserver:
-    """Dense model: moments of (MLP input, MLP output) and the o_proj output energy."""
+    """Dense model: moments of (MLP input, MLP output) and the o_proj output energy.
+
+    ``moments=False``: the o_proj energy only (no Linear Calibration layer to choose, so the
+    linearity score's two d × d moments per token would go unused)."""
 
     taps = frozenset({"mlp", "o_proj"})
     summed = ("mlp", "eo")  # sums over tokens (all-reduced across ranks)
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, moments: bool = True):
         self.d = d
+        self.moments = moments
         self.mlp: Moments | None = None  # X = MLP input (t, d), Y = MLP output (t, d)
         self.eo: Tensor | None = None  # (d,) Σ y² of the o_proj output
 
     def update(self, tap: str, x_in: Tensor, y_out: Tensor) -> None:
-        if tap == "mlp":
+        if tap == "mlp" and self.moments:
             if self.mlp is None:
                 self.mlp = Moments(self.d, self.d, device=x_in.device)
             self.mlp.update(x_in, y_out)
