@@ -27,7 +27,9 @@ def tiny_deep(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_deep"), "qwen2", layers=8, tie=True)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "olica"])
+# olica only: its run has every phase magnitude's has plus the survey (magnitude's kills added
+# ~110 s of CI for no path olica misses; the targeted kill points of test_resume cover it).
+@pytest.mark.parametrize("method", ["olica"])
 def test_random_sigkills_resume_byte_identical(tiny_deep, tmp_path, method):
     proc = subprocess.run(
         [sys.executable, str(HARNESS), "--method", method, "--source", str(tiny_deep), "--ratio", "0.3", "--nsamples", "32",
