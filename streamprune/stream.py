@@ -31,7 +31,6 @@ def embed_to_boundary(cache: ActivationCache, tokens: torch.Tensor, embed: torch
 
 
 @torch.no_grad()
-@torch.no_grad()
 def observe(layer, cache: ActivationCache, boundary: int, pe, observer, device, keep: list | None = None) -> None:
     """Run ``layer`` over boundary ``boundary`` feeding ``observer``; the outputs are discarded,
     or appended chunk by chunk to ``keep`` on the host when it is given (a caller that needs

@@ -196,7 +196,7 @@ class Olica(Method):
             raise RatioError(f"--ratio must be in (0, 1) for method olica, got {self.ratio}")
         cfg, d, L = self.config, shapes.hidden_size, shapes.num_layers
         lc_rank = math.floor(cfg.lc_rank_ratio * d)
-        mlp_num = min(cfg.mlp_num, L - 1) if lc_rank > 0 else 0
+        mlp_num = min(cfg.mlp_num, L - 1) if self._wants_lc(d) else 0
         s_qk, s_vo, s_mlp = budget_split(shapes, self.ratio, cfg.k, mlp_num * 2 * d * lc_rank, self.attn_scale)
         q_rank, k_rank, h_v = attention_knobs(shapes, s_qk, s_vo)
         n_least, n_pruned = ffn_counts(shapes.intermediate_size, s_mlp, cfg.keep_least_frac)
