@@ -34,6 +34,9 @@ from streamprune.kernels import (
     weighted_svd,
 )
 
+from streamprune.kernels import obs  # noqa: E402  (FLUSH, and the eager form as flush=1)
+from streamprune.kernels.obs import damped  # noqa: E402
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -52,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-full-svd", action="store_true", help="skip solver='full' (slow on CPU at 70B)")
     p.add_argument("--svd-repeat", type=int, default=None, help="timed runs per SVD (default --repeat; a full "
                    "8192² SVD takes seconds, so a time-boxed GPU check uses 1)")
+    p.add_argument("--obs-remove", type=int, default=None, help="greedy OBS steps timed (default f // 5: a 20 %% cut)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     a.d = a.d or (1024 if a.small else 8192)
@@ -185,6 +189,30 @@ def bench_svd(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
     return rows
 
 
+def bench_obs(a: argparse.Namespace, device: torch.device, gen: torch.Generator) -> list[dict]:
+    """The greedy OBS steps on down_proj (f × f inverse, ``obs_remove`` one-column removals) in the
+    method's arithmetic dtype: the kernel's deferred downdates against applying each at once
+    (``flush=1``: the loop as it was before the downdates were deferred), timed once each, and
+    whether both took the same columns."""
+    from streamprune.methods.cascade.selection import obs_dtype
+
+    f, d, n = a.f, a.d, a.obs_remove or a.f // 5
+    dt = obs_dtype(f)
+    h = torch.randn(a.tokens, f, device=device, generator=gen)
+    g = gram(h, a.block_rows)
+    del h
+    w = torch.randn(d, f, device=device, generator=gen)
+    hd = damped(g, 0.01, dt)
+    rows, alive = [], {}
+    for name, flush in (("deferred", obs.FLUSH), ("eager", 1)):
+        t, (alive[name], _) = timeit(lambda fl=flush: obs._greedy(w, hd, n, 1, dt, None, flush=fl), device, 1)
+        rows.append(dict(kernel=f"obs greedy, {name}", shape=f"f {f}, d {d}, {n} steps {str(dt).removeprefix('torch.')}",
+                         ms=t * 1e3, flush=flush))
+    rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]
+    rows[0]["same_choice"] = bool(torch.equal(alive["deferred"], alive["eager"]))
+    return rows
+
+
 def fmt(v: object, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
@@ -206,9 +234,14 @@ def main() -> None:
     for r in svd:
         print(f"{r['case']:26} {r['shape']:20} {r['kernel']:18} {r['ms']:10.1f} {fmt(r.get('resid'), '.4f'):>8} "
               f"{fmt(r.get('sv_err'), '.1e'):>9} {fmt(r.get('excess'), '.1e'):>9}")
+    ob = bench_obs(a, device, gen)
+    print(f"\n{'kernel':22} {'shape':36} {'ms':>10}")
+    for r in ob:
+        extra = f"  {r['speedup']:.2f}x the eager loop, same choices: {r['same_choice']}" if "speedup" in r else ""
+        print(f"{r['kernel']:22} {r['shape']:36} {r['ms']:10.1f}{extra}")
     print(json.dumps({"bench": "kernels", "device": name, "torch": torch.__version__,
                       "shapes": {"tokens": a.tokens, "d": a.d, "f": a.f, "h": a.head_dim, "G": a.kv_heads},
-                      "dtype": a.dtype, "repeat": a.repeat, "svd_repeat": a.svd_repeat, "moments": mom, "svd": svd}))
+                      "dtype": a.dtype, "repeat": a.repeat, "svd_repeat": a.svd_repeat, "moments": mom, "svd": svd, "obs": ob}))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,10 @@ def kernels_block(s: dict) -> list[str]:
     out += ["", "| case | shape | solver | ms | excess vs full |", "|---|---|---|---|---|"]
     for r in k.get("svd", []):
         out.append(f"| {r['case']} | {r['shape']} | {r['kernel']} | {r['ms']:.1f} | {_f(r.get('excess'), '.1e')} |")
+    if k.get("obs"):
+        out += ["", "| OBS greedy steps | shape | ms | vs eager | same choices |", "|---|---|---|---|---|"]
+        for r in k["obs"]:
+            out.append(f"| {r['kernel']} | {r['shape']} | {r['ms']:.1f} | {_f(r.get('speedup'), '.2f')} | {r.get('same_choice', '')} |")
     return out + [""]
 
 

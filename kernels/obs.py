@@ -46,8 +46,21 @@ def ls_kept_weights(w: Tensor, h: Tensor, kept: Tensor) -> Tensor:
     return torch.cholesky_solve(rhs, chol).T
 
 
-def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype, protect: Tensor | None) -> tuple[Tensor, list[tuple[int, float]]]:
-    """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step])."""
+FLUSH = 64  # pending removed columns at which the deferred downdates are applied (two rank-FLUSH GEMMs)
+
+
+def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype, protect: Tensor | None,
+            flush: int = FLUSH) -> tuple[Tensor, list[tuple[int, float]]]:
+    """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step]).
+
+    The same steps as applying every downdate at once (``kernels.reference.obs_greedy_ref``),
+    with the downdates deferred: ``Hinv`` and ``W`` are kept as of the last flush (``hinv``,
+    ``cur``) plus the pending steps' factors, ``Hinv = hinv − Rᵀ Q`` and ``W = cur − WS R``. A
+    step reads from them only the rows and columns it removes, and updates the two vectors the
+    choice needs (``diag Hinv`` and ``‖W_:,j‖²``) in O((d + P) f) for P pending columns; once
+    ``flush`` columns are pending they are applied as two GEMMs. The eager loop moves the f × f
+    inverse through memory twice a step (memory-bound); this one reads ``W`` once a step.
+    """
     n = h.shape[0]
     hinv = torch.linalg.cholesky(h)
     hinv = torch.cholesky_inverse(hinv)  # the factor is freed as soon as the inverse exists
@@ -56,24 +69,46 @@ def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype,
     choosable = alive.clone()
     if protect is not None:
         choosable[protect.to(w.device)] = False
+    tiny = torch.finfo(dtype).tiny
+    out, width = cur.shape[0], flush + block
+    # pending steps, stacked: R (rows of Hinv removed), Q = Hinv_SS⁻¹ R, WS = W_S Hinv_SS⁻¹, their columns S
+    big_r, big_q = h.new_empty(width, n, dtype=dtype), h.new_empty(width, n, dtype=dtype)
+    big_ws, gone = h.new_empty(out, width, dtype=dtype), torch.empty(width, dtype=torch.int64, device=w.device)
+    m = 0  # pending removed columns (rows used in the buffers)
+    diag, norms = hinv.diagonal().clone(), cur.pow(2).sum(0)
     steps, left = [], n_remove
     while left > 0:
         k = min(block, left)
-        single = cur.pow(2).sum(0) / hinv.diagonal().clamp_min(torch.finfo(dtype).tiny)
+        single = norms / diag.clamp_min(tiny)
         single = torch.where(choosable, single, torch.full_like(single, float("inf")))
         s = torch.topk(single, k, largest=False, sorted=True).indices  # ties: topk's order (deterministic)
-        hss_inv = torch.linalg.inv(hinv[s][:, s])  # (k, k)
-        ws = cur[:, s] @ hss_inv  # (out, k)
-        steps.append((k, float((ws * cur[:, s]).sum())))
-        row = hinv[s]  # (k, n)
-        cur.addmm_(ws, row, alpha=-1)  # in place: no (out, n) or (n, n) temporaries
-        hinv.addmm_(row.T, hss_inv @ row, alpha=-1)
-        cur[:, s] = 0
-        hinv[s] = 0
-        hinv[:, s] = 0
+        r, a = hinv[s], cur[:, s]  # the current rows S of Hinv and columns S of W ...
+        pr, pq, pw = big_r[:m], big_q[:m], big_ws[:, :m]
+        if m:  # ... once the pending downdates are subtracted
+            r.addmm_(pr[:, s].T, pq, alpha=-1)
+            a.addmm_(pw, pr[:, s], alpha=-1)
+        r[:, ~alive] = 0  # removed columns are zero in Hinv (rounding residue would leak into later steps)
+        hss_inv = torch.linalg.inv(r[:, s])  # (k, k)
+        ws = a @ hss_inv  # (out, k)
+        q = hss_inv @ r  # (k, n)
+        steps.append((k, float((ws * a).sum())))
+        g = ws.T @ cur  # (k, n): wsᵀ W with W = cur − WS R
+        if m:
+            g.addmm_(ws.T @ pw, pr, alpha=-1)
+        diag.sub_((r * q).sum(0))
+        norms.add_(((ws.T @ ws) @ r - 2 * g).mul_(r).sum(0))  # ‖W_j − ws r_j‖² = ‖W_j‖² − 2 g_j·r_j + r_jᵀ wsᵀws r_j
+        big_r[m:m + k], big_q[m:m + k], big_ws[:, m:m + k], gone[m:m + k] = r, q, ws, s
+        m += k
         alive[s] = False
         choosable[s] = False
         left -= k
+        if m >= flush and left > 0:  # the last steps need no flush: only their choices are returned
+            hinv.addmm_(big_r[:m].T, big_q[:m], alpha=-1)
+            cur.addmm_(big_ws[:, :m], big_r[:m], alpha=-1)
+            hinv.index_fill_(0, gone[:m], 0).index_fill_(1, gone[:m], 0)
+            cur.index_fill_(1, gone[:m], 0)
+            m = 0
+            diag, norms = hinv.diagonal().clone(), cur.pow(2).sum(0)  # exact again: no drift past a flush
     return alive, steps
 
 

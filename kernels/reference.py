@@ -86,3 +86,27 @@ def obs_removal_cost_ref(w: Tensor, h: Tensor, removed: Tensor) -> float:
     full[:, keep] = wk
     delta = full - w
     return float(((delta @ h) * delta).sum())
+
+
+def obs_greedy_ref(w: Tensor, gram: Tensor, n_remove: int, damp: float = 0.01, block: int = 1) -> tuple[Tensor, list[tuple[int, float]]]:
+    """The greedy OBS steps with every downdate applied at once, in float64 (what
+    ``kernels.obs`` defers): (alive mask, [(columns removed, cost) per step])."""
+    h = gram.to(F64).clone()
+    h.diagonal().add_(max(damp * float(h.diagonal().mean()), 1e-12))
+    hinv, cur = torch.linalg.inv(h), w.to(F64).clone()
+    alive = torch.ones(h.shape[0], dtype=torch.bool)
+    steps, left = [], n_remove
+    while left > 0:
+        k = min(block, left)
+        single = torch.where(alive, cur.pow(2).sum(0) / hinv.diagonal(), torch.full((h.shape[0],), float("inf"), dtype=F64))
+        s = torch.topk(single, k, largest=False, sorted=True).indices
+        hss_inv = torch.linalg.inv(hinv[s][:, s])
+        ws = cur[:, s] @ hss_inv
+        steps.append((k, float((ws * cur[:, s]).sum())))
+        row = hinv[s].clone()
+        cur -= ws @ row
+        hinv -= row.T @ hss_inv @ row
+        cur[:, s], hinv[s], hinv[:, s] = 0, 0, 0
+        alive[s] = False
+        left -= k
+    return alive, steps

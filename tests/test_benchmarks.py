@@ -181,11 +181,13 @@ def test_gpu_check_small_runs_every_step_and_writes_at_most_8_files(tmp_path):
     assert run["evicted_source_bytes"] > s["synthetic"]["total_bytes"]  # every shard (payload + headers)
     assert s["tests"]["counts"] == {"passed": 1} and s["tests"]["device_fixture_tests"] == 1
     assert s["kernels"]["moments"] and s["kernels"]["svd"]
+    deferred, eager = s["kernels"]["obs"]  # the greedy OBS steps, deferred downdates against the eager loop
+    assert deferred["same_choice"] is True and deferred["flush"] > 1 == eager["flush"] and deferred["speedup"] > 0
     assert s["env"]["streamprune"]["methods"] and "olica" in s["env"]["streamprune"]["methods"]
     # the markdown is what gpu_summary renders from summary.json, and it was printed last
     md = (out / "gpu_section.md").read_text()
     assert md == _gpu_summary().render(s) and md.strip() in proc.stdout
-    assert "| olica 0.2 | 0 |" in md and "small (CI) shapes" in md
+    assert "| olica 0.2 | 0 |" in md and "small (CI) shapes" in md and "| obs greedy, deferred |" in md
     assert not (work / "model").exists() and not (work / "bench").exists()  # work folder cleaned up
 
 

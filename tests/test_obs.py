@@ -12,7 +12,9 @@ import itertools
 import pytest
 import torch
 
+from streamprune.kernels import obs
 from streamprune.kernels.obs import damped, ls_kept_weights, obs_cost_curve, obs_remove_columns
+from streamprune.kernels.reference import obs_greedy_ref
 from streamprune.kernels.reference import obs_removal_cost_ref as removal_cost
 
 
@@ -118,3 +120,22 @@ def test_cost_curve_is_the_brute_force_cost_of_each_greedy_prefix(block):
         assert float(curve[k]) == pytest.approx(cost, rel=1e-9, abs=1e-12)
         if k:
             assert float(curve[k]) == pytest.approx(removal_cost(w, hd, removed), rel=1e-8)
+
+
+@pytest.mark.parametrize("block,flush", [(1, obs.FLUSH), (1, 7), (3, 7), (4, 1)])
+def test_deferred_downdates_take_the_eager_steps(block, flush):
+    """The kernel defers its downdates (applied as GEMMs once ``flush`` columns are pending); across several
+    flushes and a partial one it takes the same columns in the same order, at the same costs,
+    as the loop that applies each downdate at once (the float64 reference)."""
+    h, w = _problem(n=160, out=24, tokens=600, seed=5)
+    gram = h.T @ h
+    n_remove = 150
+    assert n_remove > 2 * flush
+    alive_ref, steps_ref = obs_greedy_ref(w, gram, n_remove, block=block)
+    alive, steps = obs._greedy(w, damped(gram, 0.01), n_remove, block, torch.float64, None, flush=flush)
+    assert torch.equal(alive, alive_ref)
+    assert [k for k, _ in steps] == [k for k, _ in steps_ref]
+    assert [c for _, c in steps] == pytest.approx([c for _, c in steps_ref], rel=1e-9, abs=1e-12)
+    if flush == obs.FLUSH:  # the public curve is the same greedy
+        curve = obs_cost_curve(w, gram, n_remove, block=block)
+        assert float(curve[-1]) == pytest.approx(sum(c for _, c in steps_ref), rel=1e-9)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ...kernels import obs_remove_columns
+from ...kernels.obs import FLUSH
 from ...shapes import ModelShapes
 
 F64_MAX_WIDTH = 8192
@@ -44,18 +45,21 @@ def obs_select_ffn(weights: dict[str, Tensor], gram: Tensor, n_prune: int, damp:
 
 def obs_workspace_bytes(shapes: ModelShapes) -> int:
     """Device memory at OBS's peak: the fp32 Gram (the observer's), its damped copy, a Cholesky
-    factor and the inverse in the arithmetic dtype, and three out × f copies of down_proj."""
+    factor and the inverse in the arithmetic dtype, three out × f copies of down_proj, and the
+    deferred downdates' buffers (FLUSH + 1 pending columns: two rows of f and one of d each)."""
     f, d = shapes.intermediate_size, shapes.hidden_size
     s = obs_dtype(f).itemsize
-    return 4 * f * f + 3 * f * f * s + 3 * d * f * s
+    return 4 * f * f + 3 * f * f * s + 3 * d * f * s + (FLUSH + 1) * (2 * f + d) * s
 
 
 def obs_greedy_flop(shapes: ModelShapes, n_remove: int) -> float:
     """Arithmetic of the greedy OBS steps on one layer's down_proj (also the survey's
-    ``allocation="obs"`` curve): the inverse (Cholesky f³/3 + inverse 2f³/3), per removed channel
-    a rank-one downdate of the inverse (2f²) and of down_proj (2df)."""
+    ``allocation="obs"`` curve): the inverse (Cholesky f³/3 + inverse 2f³/3), then per removed
+    channel its share of the deferred downdates of the inverse (2f²) and of down_proj (2df), the
+    pass over down_proj that updates the column norms (2df) and the pending corrections
+    (~2 · FLUSH · f; :func:`streamprune.kernels.obs._greedy`)."""
     f, d = shapes.intermediate_size, shapes.hidden_size
-    return float(f ** 3 + n_remove * (2 * f * f + 3 * d * f))
+    return float(f ** 3 + n_remove * (2 * f * f + 4 * d * f + 2 * FLUSH * f))
 
 
 def obs_flop(shapes: ModelShapes, n_prune: int) -> float:
