@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ import torch
 from streamprune import EvalConfig, PruneConfig, perplexity, prune
 from streamprune.config import resolve_dtype
 from streamprune.demo_model import default_cache_dir, ensure_demo_model
+from streamprune.errors import StreamPruneError
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"
 NSAMPLES = {"olica": 256, "lorap": 256, "slimllm": 32, "magnitude": 32, "cascade": 256}  # papers' defaults (SlimLLM 32)
@@ -110,7 +112,18 @@ def render_table(done: dict, rows: list[str], evals: list[str], max_windows: int
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows; a prune stopped by SIGTERM/SIGINT (after its layer in flight is committed)
+    or refused by the engine ends with its one-line message and exit code, no traceback."""
+    try:
+        run(argv)
+    except StreamPruneError as e:
+        print(f"quality.py: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="dense,magnitude-20,olica-20,olica-20-nolc,olica-50")
     ap.add_argument("--evals", default="wikitext2:128,wikitext2:2048")
@@ -121,7 +134,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--table", action="store_true", help="only print the RESULTS.md table from the records")
     ap.add_argument("--prune-only", action="store_true", help="prune the rows (resumable) and evaluate nothing: the evaluations come later")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     done = load_done()
     if args.table:
         print(render_table(done, args.rows.split(","), args.evals.split(","), args.max_windows))
@@ -170,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

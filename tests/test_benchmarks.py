@@ -143,6 +143,25 @@ def test_quality_table_renders_records_and_marks_missing_cells():
     assert lines[5] == "| LoRAP 50 % | not run | – | not run | not run | – |"
 
 
+def test_quality_run_stopped_by_a_signal_ends_with_the_engines_message_not_a_traceback(monkeypatch, tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(BENCH))
+    from streamprune.interrupts import Interrupted
+
+    def stopped(cfg):
+        raise Interrupted("stopped by SIGTERM after committing layer 3; run the same command again to resume")
+
+    monkeypatch.setattr(quality, "ensure_demo_model", lambda: tmp_path / "model")
+    monkeypatch.setattr(quality, "default_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(quality, "prune", stopped)
+    assert quality.main(["--rows", "olica-20", "--prune-only"]) == 130
+    err = capsys.readouterr().err
+    assert err == "quality.py: stopped by SIGTERM after committing layer 3; run the same command again to resume\n"
+
+
 @pytest.mark.slow
 def test_prune_cost_prunes_in_fresh_processes_and_reproduces_outputs_byte_for_byte(tmp_path):
     model = run_script("make_synthetic.py", *TINY, "--layers", "2", "--out", str(tmp_path / "m"))["folder"]
