@@ -142,3 +142,33 @@ def test_sigterm_stops_after_commit_then_resumes(tiny_llama, tmp_path, monkeypat
     capsys.readouterr()
     assert json.loads((out / "streamprune_report.json").read_text())["run"]["resumed_from_layer"] == 2
     assert digests(out) == baseline
+
+
+def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_matches_a_fresh_run(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The survey is journaled only whole: a stop inside it must end the process at the next
+    layer (not after the whole survey and the first layer), and leave nothing to clean up."""
+    import signal
+
+    from streamprune import engine
+    from streamprune.cli import main
+
+    real, seen = engine.propagate, []
+
+    def signal_in_survey_layer_1(layer, cache, i, *args, **kwargs):
+        seen.append(i)
+        if seen == [0, 1]:  # the survey is the first pass: its layer 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(layer, cache, i, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "propagate", signal_in_survey_layer_1)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    cmd = ["prune", str(tiny_llama), "--method", "slimllm", "--ratio", "0.3", *ARGS]
+    assert main([*cmd, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM during the survey, before its layer 2" in err and "run the same command again" in err
+    assert seen == [0, 1] and not out.exists()
+    assert not list((tmp_path / "out.work").rglob("*.safetensors"))  # the survey's activations are gone
+    monkeypatch.setattr(engine, "propagate", real)
+    assert main([*cmd, "--out", str(out)]) == 0 and main([*cmd, "--out", str(fresh)]) == 0
+    capsys.readouterr()
+    assert digests(out) == digests(fresh)
