@@ -10,6 +10,8 @@ bandwidth of ``x.clone()``. SVD solvers are compared on synthetic matrices of th
 methods factorise, with a slowly decaying spectrum σᵢ = (1+i)^-½ (like LLM weights, the hard
 case for randomized SVD): time, and accuracy relative to the full SVD — ``sv_err`` =
 ‖S − S_full‖/‖S_full‖ and ``excess`` = ‖A − A_r‖/‖A − A_r,full‖ − 1 (0 = optimal truncation).
+The greedy OBS steps (cascade's FFN selection and allocation curve) are timed with their
+downdates deferred (the kernel) and applied at once (``flush=1``), on the same f × f inverse.
 Prints a table, then one JSON line last.
 """
 
@@ -33,9 +35,8 @@ from streamprune.kernels import (
     truncated_svd,
     weighted_svd,
 )
-
-from streamprune.kernels import obs  # noqa: E402  (FLUSH, and the eager form as flush=1)
-from streamprune.kernels.obs import damped  # noqa: E402
+from streamprune.kernels import obs  # FLUSH, and the eager loop as flush=1
+from streamprune.kernels.obs import damped
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
