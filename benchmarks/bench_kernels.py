@@ -67,8 +67,9 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> tuple[float, object]:
-    """Best wall seconds of ``fn`` over ``repeat`` runs after one warm-up; returns (s, last result).
+def timeit(fn: Callable[[], object], device: torch.device, repeat: int, warmup: bool = True) -> tuple[float, object]:
+    """Best wall seconds of ``fn`` over ``repeat`` runs after one warm-up (``warmup``: a kernel
+    that runs for seconds and follows warmed-up ones needs none); returns (s, last result).
 
     The minimum, not the median: on a shared machine the noise is one-sided (other work only
     ever slows a run down), so the best run is the stable estimate of the kernel's cost.
@@ -78,7 +79,7 @@ def timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> tuple
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    out = fn()
+    out = fn() if warmup else None
     sync()
     times = []
     for _ in range(repeat):
@@ -193,8 +194,8 @@ def bench_svd(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
 def bench_obs(a: argparse.Namespace, device: torch.device, gen: torch.Generator) -> list[dict]:
     """The greedy OBS steps on down_proj (f × f inverse, ``obs_remove`` one-column removals) in the
     method's arithmetic dtype: the kernel's deferred downdates against applying each at once
-    (``flush=1``: the loop as it was before the downdates were deferred), timed once each, and
-    whether both took the same columns."""
+    (``flush=1``: the loop as it was before the downdates were deferred), timed once each (no
+    warm-up: seconds each at 70B shapes), and whether both took the same columns."""
     from streamprune.methods.cascade.selection import obs_dtype
 
     f, d, n = a.f, a.d, a.obs_remove or a.f // 5
@@ -206,7 +207,7 @@ def bench_obs(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
     hd = damped(g, 0.01, dt)
     rows, alive = [], {}
     for name, flush in (("deferred", obs.FLUSH), ("eager", 1)):
-        t, (alive[name], _) = timeit(lambda fl=flush: obs._greedy(w, hd, n, 1, dt, None, flush=fl), device, 1)
+        t, (alive[name], _) = timeit(lambda fl=flush: obs._greedy(w, hd, n, 1, dt, None, flush=fl), device, 1, warmup=False)
         rows.append(dict(kernel=f"obs greedy, {name}", shape=f"f {f}, d {d}, {n} steps {str(dt).removeprefix('torch.')}",
                          ms=t * 1e3, flush=flush))
     rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]
