@@ -64,8 +64,7 @@ def plan(cfg: PruneConfig):
 
 
 @torch.no_grad()
-def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks = Ranks(),
-               stop=None) -> list[dict]:
+def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop) -> list[dict]:
     """Dense model over dense hidden states; per-layer results from the method.
 
     ``stop`` (the run's SIGINT/SIGTERM flag) is checked before every layer: the survey is
@@ -75,8 +74,7 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
     results = []
     with read_ahead(adapter, 0, device, dtype) as ahead:
         for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
-            if stop is not None:
-                stop.check(f"during the survey, before its layer {i} (a resume starts the survey again)")
+            stop.check(f"during the survey, before its layer {i} (a resume starts the survey again)")
             weights = to_device(next(ahead), device, dtype)
             layer = adapter.build_layer(i, weights, device, dtype)
             obs = method.survey_observer(i, weights)
