@@ -56,8 +56,8 @@ from ...distributed import Ranks
 @dataclass(frozen=True)
 class ReconSettings:
     epochs: int = 2
-    lr: float = 1e-4
-    batch_tokens: int = 1024  # tokens per Adam step, as whole sequences (at least one)
+    lr: float = 2e-5
+    batch_tokens: int = 512  # tokens per Adam step, as whole sequences (at least one)
     val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (lr → 0 over all epochs' training rows)
