@@ -76,10 +76,10 @@ class CascadeConfig:
     base: str = "olica"
     base_mlp_num: int = 0  # Olica's Linear Calibration layers (Olica's own default: 6)
     recon: bool = True
-    # What the fit gains follows its number of Adam steps more than its passes over the data.
-    # Whole WikiText-2 @128 at 20 % (RESULTS "cascade"): 2 epochs of 512-token batches 95.31, 4 of
-    # 1024 (the same 112 steps, twice the FLOPs) 95.65, 1 of 256 (112 steps, half the FLOPs) 100.25;
-    # at 1024 tokens, 2 epochs 111.02 against 4 epochs 104.62 (score selection), 8 gain nothing.
+    # At equal Adam steps two passes over the data do what four did, at half the FLOPs; one pass
+    # loses 5 %. Whole WikiText-2 @128 at 20 % (RESULTS "cascade"): 2 epochs of 512-token batches
+    # 95.31, 4 of 1024 (the same 112 steps) 95.65, 1 of 256 (112 steps) 100.25, 1 of 128 (224) 100.37.
+    # At 30-50 % the 4 x 1024 setting is 1.5-4.5 % better (slower): recon_epochs=4, recon_batch_tokens=1024.
     recon_epochs: int = 2
     recon_lr: float = 2e-5
     recon_batch_tokens: int = 512  # tokens per Adam step (whole sequences, at least one)
