@@ -196,10 +196,10 @@ def bench_obs(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
     method's arithmetic dtype: the kernel's deferred downdates against applying each at once
     (``flush=1``: the loop as it was before the downdates were deferred), timed once each (no
     warm-up: seconds each at 70B shapes), and whether both took the same columns."""
-    from streamprune.methods.cascade.selection import obs_dtype
+    from streamprune.methods.cascade.selection import OBS_DTYPE
 
     f, d, n = a.f, a.d, a.obs_remove or a.f // 5
-    dt = obs_dtype(f)
+    dt = OBS_DTYPE
     h = torch.randn(a.tokens, f, device=device, generator=gen)
     g = gram(h, a.block_rows)
     del h

@@ -34,7 +34,7 @@ E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "reco
 @pytest.mark.parametrize("kw", [{"base": "magic"}, {"base_mlp_num": -1}, {"recon": 1}, {"recon_epochs": -1},
                                 {"recon_lr": 0}, {"recon_batch_tokens": 0}, {"recon_val_rows": -2}, {"recon_loss": "l1"},
                                 {"attn_scale": -0.1}, {"attn_scale": 2.5}, {"recon_target": "global"},
-                                {"recon_schedule": "linear"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1},
+                                {"recon_schedule": "linear"}, {"recon_precision": "float16"}, {"recon_min_gain": 1}, {"recon_min_gain": -0.1},
                                 {"decide_on": "raw"}, {"selection": "best"}, {"obs_damp": 0}, {"obs_block": 0}])
 def test_config_rejects_bad_values(kw):
     (name, value), = kw.items()
@@ -109,11 +109,12 @@ def test_attn_scale_zero_keeps_the_attention_bit_for_bit(tiny_llama, tmp_path):
 def test_workspace_forecast_fits_a_24gb_card_at_70b():
     method = build_method("cascade", 0.2, {"selection": "score", "allocation": "measured"})  # Adam's peak (OBS's: the next test)
     method.plan(LLAMA2_70B)
-    # 16 B/param Adam state for the largest planned 70B layer (0.69 G params at 20 %) + 512
-    # tokens' activations (0.5 GiB, the default batch): 10.8 GiB, next to a 1.6 GiB bf16 dense layer on a 24 GiB card
+    # 16 B/param Adam state + 2 B/param autocast's bf16 weight copies for the largest planned 70B
+    # layer (0.69 G params at 20 %) + 512 tokens' activations (0.5 GiB, the default batch):
+    # 12.1 GiB, next to a 1.6 GiB bf16 dense layer on a 24 GiB card
     largest = max(s.num_params() for s in method.planned_specs(LLAMA2_70B))
     assert 0.65e9 < largest < 0.72e9
-    assert method.workspace_bytes(LLAMA2_70B) == 16 * largest + 512 * (12 * 8192 + 6 * 28672) * 4 < 12 * 2**30
+    assert method.workspace_bytes(LLAMA2_70B) == 18 * largest + 512 * (12 * 8192 + 6 * 28672) * 4 < 13 * 2**30
 
 
 def test_obs_workspace_and_compute_forecast_at_70b():
@@ -121,9 +122,9 @@ def test_obs_workspace_and_compute_forecast_at_70b():
 
     method = build_method("cascade", 0.2, {"selection": "obs", "allocation": "measured"})
     method.plan(LLAMA2_70B)
-    f, d = 28672, 8192  # f > 8192: fp32 arithmetic; the Gram, its damped copy, Cholesky factor, inverse + 3 copies of down
+    f, d = 28672, 8192  # fp32 arithmetic: the Gram, its damped copy, Cholesky factor, inverse + 3 copies of down
     obs = 4 * f * f + 3 * f * f * 4 + 3 * d * f * 4 + 65 * (2 * f + d) * 4  # + the deferred downdates' buffers
-    assert method.workspace_bytes(LLAMA2_70B) == obs < 15 * 2**30  # above reconstruction's 11.3 GiB: OBS is the peak
+    assert method.workspace_bytes(LLAMA2_70B) == obs < 15 * 2**30  # above reconstruction's 12.1 GiB: OBS is the peak
     specs = method.planned_specs(LLAMA2_70B)
     plain = build_method("cascade", 0.2, {"selection": "score", "allocation": "measured"})
     plain.plan(LLAMA2_70B)
@@ -222,6 +223,67 @@ def test_reconstruction_learning_rate_schedule(tiny_llama, monkeypatch, schedule
     want = [lr] * len(rows) if schedule == "constant" else [lr * 0.5 * (1 + math.cos(math.pi * s / (epochs * 18))) for s in seen]
     assert r.steps == len(rows) and seen_lrs == pytest.approx(want, rel=1e-12, abs=0)
     assert r.val_after < r.val_before
+
+
+def test_reconstruction_uses_fused_adam_with_the_per_tensor_update(tiny_llama, monkeypatch):
+    """The fused kernel (one per step, on CPU and CUDA) takes the same steps as torch's
+    per-tensor Adam: the weights after two epochs agree to float32 rounding."""
+    import streamprune.methods.cascade.reconstruct as rec
+
+    made = []
+
+    class Loop(torch.optim.Adam):  # the reference: the for-loop implementation, whatever the caller asks
+        def __init__(self, params, **kw):
+            made.append(kw.pop("fused"))
+            super().__init__(params, foreach=False, **kw)
+
+    settings = ReconSettings(epochs=2, lr=1e-3, batch_tokens=64, val_rows=6)
+    states = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(rec.torch.optim, "Adam", Loop)
+        dense, pruned, x, pe = _layer_pair(tiny_llama, noise=0.3)
+        reconstruct_layer(pruned, dense, lambda: iter(x.split(8)), pe, 24, settings, seed=0)
+        states.append(pruned.tensors())
+    assert made == [True]  # the engine's layers are on the CPU here: fused
+    start = _layer_pair(tiny_llama, noise=0.3)[1].tensors()
+    for k, v in states[0].items():
+        moved = (states[1][k] - start[k]).abs().max()
+        assert torch.allclose(v, states[1][k], rtol=0, atol=1e-3 * float(moved) + 1e-7), k
+
+def test_reconstruction_precision_resolves_auto_by_what_the_device_multiplies_natively(monkeypatch):
+    import streamprune.methods.cascade.reconstruct as rec
+
+    cpu = torch.device("cpu")
+    assert rec.autocast_dtype("float32", cpu) is None and rec.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    for amx, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(rec.torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert rec.autocast_dtype("auto", cpu) is want
+    monkeypatch.delattr(rec.torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: float32
+    assert rec.autocast_dtype("auto", cpu) is None
+    assert rec.autocast_dtype("auto", torch.device("meta")) is None
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'half'"):
+        rec.autocast_dtype("half", cpu)
+
+
+def test_bfloat16_reconstruction_keeps_float32_weights_and_recovers_like_float32(tiny_llama):
+    """Under autocast the steps run in bfloat16, the weights, the held-out losses and the
+    returned state stay float32; the fit recovers the perturbed layer about as well, and the
+    same seed gives the same bits."""
+    results, states = {}, {}
+    for precision in ("float32", "bfloat16", "bfloat16"):
+        dense, pruned, x, pe = _layer_pair(tiny_llama, noise=0.3)
+        r = reconstruct_layer(pruned, dense, lambda: iter(x.split(8)), pe, 24,
+                              ReconSettings(epochs=10, lr=3e-3, batch_tokens=64, val_rows=6, precision=precision), seed=0)
+        assert r.precision == precision and all(v.dtype == torch.float32 for v in r.state.values())
+        if precision in results:
+            assert all(torch.equal(v, states[precision][k]) for k, v in r.state.items())
+        results[precision], states[precision] = r, r.state
+    f32, b16 = results["float32"], results["bfloat16"]
+    assert f32.val_before == b16.val_before  # the held-out measurement is float32 in both
+    assert f32.val_after < 0.5 * f32.val_before and b16.val_after < 0.5 * b16.val_before
+    assert b16.val_after == pytest.approx(f32.val_after, rel=0.2)
+    assert not all(torch.equal(v, states["float32"][k]) for k, v in states["bfloat16"].items())  # bf16 did run
 
 
 def test_recon_loss_rms_is_scale_free():

@@ -35,6 +35,8 @@ Components (each one ``--option``, for the ablation):
   ``recon_val_rows``, ``recon_schedule`` (``constant`` or ``cosine`` decay to 0 over the
   epochs), ``recon_min_gain`` (a layer stops after an epoch that lowers its held-out error by
   less than this fraction of its start), ``recon_loss`` (``rms`` = error after the next RMSNorm, or ``mse``),
+  ``recon_precision`` (``auto``: the training steps in bfloat16 under autocast where the device
+  multiplies it natively, else float32; ``bfloat16``; ``float32``),
   ``recon_target``: ``dense_layer`` (default: the dense layer on the same pruned input, each
   layer undoes its own pruning) or ``dense_stream`` (the dense model's own hidden states
   leaving the layer, streamed by the engine next to the pruned ones, so every layer also
@@ -48,7 +50,8 @@ method's (±1 pp); reconstruction changes values, never shapes. Deterministic (s
 layer index, fixed data order): a resumed run is byte-identical on one device type, and a
 crash inside reconstruction just redoes that layer. Statistics and factorisations are the
 base method's; reconstruction adds Adam's state for one pruned layer (fp32: weights,
-gradients and two moments, 16 bytes per parameter) and one batch's activations.
+gradients and two moments, 16 bytes per parameter; autocast's bf16 weight copies, 2 more) and
+one batch's activations.
 """
 
 from __future__ import annotations
@@ -64,10 +67,10 @@ from ...spec import LayerSpec
 from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
-from .reconstruct import ReconSettings, reconstruct_layer
-from .selection import obs_dtype, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
+from .reconstruct import PRECISIONS, ReconSettings, reconstruct_layer
+from .selection import OBS_DTYPE, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
 
-CASCADE_CONFIG_VERSION = 2  # 2: dense targets computed once per chunk (was: per pass over the train/val split)
+CASCADE_CONFIG_VERSION = 3  # 2: dense targets computed once per chunk (was: per pass over the train/val split); 3: fused Adam, OBS in float32 at every width, bfloat16 training steps (auto)
 BASES = ("olica", "lorap", "slimllm")
 
 
@@ -87,6 +90,10 @@ class CascadeConfig:
     recon_loss: str = "rms"
     recon_schedule: str = "constant"  # learning rate over the epochs: "constant" or "cosine" (decays to 0)
     recon_min_gain: float = 0.0  # stop a layer after an epoch that gains less than this fraction of its start
+    # The training steps' matmuls: "auto" (bfloat16 under autocast where the device multiplies it
+    # natively: CUDA with bf16, a CPU with AMX; else float32), "bfloat16" or "float32". Weights,
+    # Adam and every held-out measurement stay float32 (RESULTS "cascade", session 13).
+    recon_precision: str = "auto"
     # What a pruned layer is fitted to: "dense_layer" (the dense layer applied to the same
     # pruned input) or "dense_stream" (the dense model's own hidden states leaving the layer,
     # so each layer also corrects the error the layers before it left in its input; measured
@@ -134,6 +141,8 @@ class CascadeConfig:
             raise bad("recon_target", "'dense_stream' or 'dense_layer'")
         if isinstance(self.recon_min_gain, bool) or not isinstance(self.recon_min_gain, (int, float)) or not 0 <= self.recon_min_gain < 1:
             raise bad("recon_min_gain", "in [0, 1)")
+        if self.recon_precision not in PRECISIONS:
+            raise bad("recon_precision", f"one of {PRECISIONS}")
         if self.recon_schedule not in ("constant", "cosine"):
             raise bad("recon_schedule", "'constant' or 'cosine'")
         if self.decide_on not in ("reconstructed", "unreconstructed"):
@@ -163,13 +172,15 @@ class CascadeConfig:
     def settings(self) -> ReconSettings:
         return ReconSettings(epochs=self.recon_epochs, lr=float(self.recon_lr), batch_tokens=self.recon_batch_tokens,
                              val_rows=self.recon_val_rows, loss=self.recon_loss,
-                              schedule=self.recon_schedule, min_gain=float(self.recon_min_gain))
+                             schedule=self.recon_schedule, min_gain=float(self.recon_min_gain), precision=self.recon_precision)
 
 
 def recon_workspace_bytes(shapes: ModelShapes, layer_params: int, batch_tokens: int) -> int:
-    """Adam state for ``layer_params`` (16 B each) + ~(12 d + 6 f) fp32 activations per token
-    (attention and SwiGLU intermediates saved for backward, their gradients)."""
-    return 16 * layer_params + batch_tokens * (12 * shapes.hidden_size + 6 * shapes.intermediate_size) * 4
+    """Adam state for ``layer_params`` (fp32 weights, gradients, two moments: 16 B each) + the
+    bfloat16 copies autocast makes of them for a step (2 B each; none in float32, so an upper
+    bound there) + ~(12 d + 6 f) fp32 activations per token (attention and SwiGLU intermediates
+    saved for backward, their gradients; bfloat16 under autocast: an upper bound)."""
+    return 18 * layer_params + batch_tokens * (12 * shapes.hidden_size + 6 * shapes.intermediate_size) * 4
 
 
 def build_base(config: CascadeConfig, ratio: float) -> Method:
@@ -238,7 +249,7 @@ class Cascade(Method):
         if self.config.allocation == "obs":
             curve = obs_cost_curve(w["mlp.down_proj.weight"], observer.gram, self._alloc_cap(w["mlp.down_proj.weight"].shape[1]),
                                    damp=float(self.config.obs_damp), block=self.config.obs_block,
-                                   dtype=obs_dtype(w["mlp.down_proj.weight"].shape[1]))
+                                   dtype=OBS_DTYPE)
             return {**out, "ffn_curve": curve.float().cpu()}
         scores = ffn_channel_scores(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], observer.ex, observer.eh)
         order = torch.argsort(scores, stable=True)
@@ -272,7 +283,7 @@ class Cascade(Method):
                                    row_offset=data.row_offset, ranks=data.ranks)
         tensors = {k: result.state[k].to(v.dtype).contiguous() for k, v in decision.tensors.items()}
         info = {**decision.info, "recon_val_before": round(result.val_before, 6), "recon_val_after": round(result.val_after, 6),
-                "recon_best_epoch": result.best_epoch, "recon_steps": result.steps,
+                "recon_best_epoch": result.best_epoch, "recon_steps": result.steps, "recon_precision": result.precision,
                 "recon_history": [round(v, 6) for v in result.history]}  # held-out loss before epoch 1 and after each
         refined = Decision(decision.spec, tensors, info)
         refined.validate(layer_idx)
@@ -281,7 +292,7 @@ class Cascade(Method):
     def workspace_bytes(self, shapes: ModelShapes) -> int:
         """The larger of the base's statistics/factorisation workspace and reconstruction's
         (they are never alive together): Adam on the largest planned layer (fp32 weights,
-        gradients, two moments: 16 B/param) + one batch's activations kept for backward."""
+        gradients, two moments, autocast's bf16 copies: 18 B/param) + one batch's activations kept for backward."""
         base = self.base.workspace_bytes(shapes)
         if "obs" in (self.config.selection, self.config.allocation):  # OBS (decision, or the survey's curve): never alive with other scratch
             base = max(base, obs_workspace_bytes(shapes))

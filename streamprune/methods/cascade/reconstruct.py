@@ -18,8 +18,15 @@ unseen calibration text. With ``min_gain`` > 0, a layer stops after the first ep
 lowers its held-out loss by less than ``min_gain`` × its starting loss (layers that barely
 move stop early; the ones still improving use every epoch).
 
+Precision (``precision``): the weights, Adam's state, the loss and every held-out measurement
+are float32; the training steps' forward and backward run under ``torch.autocast`` in bfloat16
+(``"bfloat16"``), in plain float32 (``"float32"``), or (``"auto"``) in bfloat16 where the
+device multiplies it natively — a CUDA device with bfloat16, a CPU with AMX tiles — else
+float32 (:func:`autocast_dtype`). On the demo model's CPU bfloat16 matmuls run 7.5 × faster
+(~890 against ~120 GFLOP/s a core); a 512-token step 1.5 ×.
+
 Deterministic: batch order comes from a ``torch.Generator`` seeded with ``seed`` (the layer
-index), the data order is the cache's chunk order, and the arithmetic is plain fp32 torch, so
+index), the data order is the cache's chunk order, and the arithmetic is plain torch, so
 a resumed run reproduces the same weights bit for bit on one device type.
 
 Cost: the dense layer runs once per calibration token (its outputs are kept on the host,
@@ -62,6 +69,7 @@ class ReconSettings:
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
     schedule: str = "constant"  # learning rate: "constant" or "cosine" (lr → 0 over all epochs' training rows)
     min_gain: float = 0.0  # stop when an epoch lowers the held-out loss by less than this fraction of the start
+    precision: str = "auto"  # the training steps' matmuls: "auto", "bfloat16" or "float32" (module doc)
 
 
 @dataclass
@@ -72,6 +80,29 @@ class ReconResult:
     best_epoch: int  # 0 = the method's own weights were kept
     steps: int
     history: tuple[float, ...] = ()  # held-out loss before the first epoch and after each
+    precision: str = "float32"  # what the training steps ran in ("bfloat16" under autocast, or "float32")
+
+
+PRECISIONS = ("auto", "bfloat16", "float32")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA: ``is_bf16_supported``; CPU: AMX tiles)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # absent in a torch without the probe: float32
+        return bool(probe is not None and probe())
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the training steps run in under autocast, or None for plain float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"reconstruction precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16" or (precision == "auto" and _native_bf16(device)):
+        return torch.bfloat16
+    return None
 
 
 def recon_loss(y: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -104,6 +135,17 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     def fit(x: Tensor) -> Tensor:
         return pruned(x.float(), pe32)
 
+    device = pe32[0].device
+    amp = autocast_dtype(settings.precision, device)
+
+    def backward(x: Tensor, target: Tensor, scale: float = 1.0) -> None:
+        """Gradients of ``scale`` × the batch's loss (autograd on even when the caller runs under
+        no_grad); the layer runs under autocast when ``amp`` is set, the loss in float32 either way."""
+        with torch.enable_grad():
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                y = fit(x)
+            (recon_loss(y.float(), target, settings.loss) * scale).backward()
+
     memo: list[Tensor] = []  # the dense layer's output per chunk, computed once (host, as the layer computes it)
 
     def pairs() -> Iterator[tuple[Tensor, Tensor]]:
@@ -123,7 +165,9 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     params = [p for p in pruned.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=settings.lr)
+    # One fused kernel per step (CPU and CUDA): the same update as the per-tensor loop, ~7 × faster
+    # on the demo model's layers, where Adam was ~15 % of a 512-token step on the CPU.
+    opt = torch.optim.Adam(params, lr=settings.lr, fused=params[0].device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(seed)
 
     def validate() -> float:
@@ -174,13 +218,11 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
         opt.zero_grad(set_to_none=True)
         if not ranks.distributed:
             seen += batch[0].shape[0]
-            with torch.enable_grad():
-                recon_loss(fit(batch[0]), batch[1], settings.loss).backward()
+            backward(*batch)
         else:
             local = 0 if batch is None else batch[0].shape[0]
             if local:
-                with torch.enable_grad():
-                    (recon_loss(fit(batch[0]), batch[1], settings.loss) * local).backward()
+                backward(*batch, scale=local)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -224,4 +266,4 @@ def reconstruct_layer(pruned: nn.Module, dense: nn.Module, chunks: Callable[[], 
     with torch.no_grad():
         for k, v in pruned.tensors().items():
             v.copy_(best_state[k])
-    return ReconResult(best_state, before, best, best_epoch, steps, tuple(history))
+    return ReconResult(best_state, before, best, best_epoch, steps, tuple(history), "float32" if amp is None else str(amp).removeprefix("torch."))
