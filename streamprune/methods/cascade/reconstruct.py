@@ -67,7 +67,7 @@ class ReconSettings:
     batch_tokens: int = 512  # tokens per Adam step, as whole sequences (at least one)
     val_rows: int = 32  # held-out sequences (the last ones of the calibration set)
     loss: str = "rms"  # "rms" (error after the next RMSNorm) or "mse"
-    schedule: str = "constant"  # learning rate: "constant" or "cosine" (lr → 0 over all epochs' training rows)
+    schedule: str = "cosine"  # learning rate: "cosine" (lr → 0 over all epochs' training rows) or "constant"
     min_gain: float = 0.0  # stop when an epoch lowers the held-out loss by less than this fraction of the start
     precision: str = "auto"  # the training steps' matmuls: "auto", "bfloat16" or "float32" (module doc)
 
