@@ -316,3 +316,11 @@ def test_gpu_check_refuses_the_70b_check_without_cuda(tmp_path):
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["steps"] == {"device": {"status": "failed", "seconds": 0.0, "note": "no CUDA device; use --small"}}
     assert not (tmp_path / "w" / "model").exists()
+
+
+def test_bench_recon_step_times_the_three_ways_on_one_layer():
+    out = run_script("bench_recon_step.py", "--d", "64", "--f", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                     "--tokens", "64", "--seqlen", "32", "--repeat", "2", "--warmup", "1")
+    assert out["bench"] == "recon_step" and out["tokens"] == 64 and out["params"] == 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 KV heads of 16); gate, up, down; norms
+    assert [r["step"] for r in out["rows"]] == ["float32, per-tensor Adam", "float32, fused Adam", "bfloat16 autocast, fused Adam"]
+    assert all(r["ms"] > 0 and r["adam_ms"] > 0 for r in out["rows"])
