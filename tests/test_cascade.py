@@ -29,7 +29,7 @@ from test_resume import ARGS, digests, run_cli
 
 E2E = dict(calib="c4", nsamples=16, seqlen=32, seed=0, chunk_tokens=160, progress=False)  # 5 rows a chunk
 # float32 steps: streamed == in-memory is checked to fp32 rounding (bfloat16 steps round a 5-row
-# chunk and a 12-row batch differently, and Adam amplifies it); bfloat16: the unit tests above
+# chunk and a 12-row batch differently, and Adam amplifies it); bfloat16: the unit tests below
 # and tests/test_distributed.py's engine run under torchrun (auto: bfloat16 on an AMX CPU).
 E2E_OPTS = {"recon_epochs": 2, "recon_lr": 2e-4, "recon_batch_tokens": 64, "recon_val_rows": 4, "recon_precision": "float32"}
 
@@ -253,6 +253,7 @@ def test_reconstruction_uses_fused_adam_with_the_per_tensor_update(tiny_llama, m
     for k, v in states[0].items():
         moved = (states[1][k] - start[k]).abs().max()
         assert torch.allclose(v, states[1][k], rtol=0, atol=1e-3 * float(moved) + 1e-7), k
+
 
 def test_reconstruction_precision_resolves_auto_by_what_the_device_multiplies_natively(monkeypatch):
     import streamprune.methods.cascade.reconstruct as rec
