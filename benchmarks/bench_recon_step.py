@@ -7,7 +7,7 @@ A Llama decoder layer (transformers' own class, random weights, built in-process
 to a random target with the method's loss (:func:`streamprune.methods.cascade.reconstruct.recon_loss`)
 on ``--tokens`` tokens a step, timed as
 
-- ``float32, per-tensor Adam``: torch's default Adam (the step of sessions 3-12),
+- ``float32, per-tensor Adam``: torch's default Adam (the step before ``CASCADE_CONFIG_VERSION`` 3),
 - ``float32, fused Adam``: one fused Adam kernel a step,
 - ``bfloat16 autocast, fused Adam``: the steps' matmuls in bfloat16 (``recon_precision=bfloat16``,
   what ``auto`` picks on a CUDA GPU with bf16 or a CPU with AMX), weights and Adam in float32,

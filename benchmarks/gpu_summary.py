@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_summary.py /work/.device/.../summary.json >> section.md
 
-gpu_check.py renders the same text into ``$OUT/gpu_section.md`` after every step, so a
-session with a device pastes that file. Goals checked (from issue 15): peak GPU reserved
+gpu_check.py renders the same text into ``$OUT/gpu_section.md`` after every step, so
+whoever runs it on a device pastes that file. Goals checked (from issue 15): peak GPU reserved
 <= 16 GB under the 24 GiB cap, 80-layer extrapolated time <= 10 min. Standard library only.
 """
 

@@ -6,7 +6,7 @@ For every test: node id, outcome (passed / failed / skipped / error), seconds, a
 it takes the ``device`` fixture of tests/conftest.py, i.e. whether ``--device cuda``
 actually moves it to the GPU (tests without the fixture run on the CPU whatever
 ``--device`` says). Failures keep the last 1500 characters of their report. The file is
-rewritten after every test (``"complete": false`` until the session ends), so a run killed
+rewritten after every test (``"complete": false`` until pytest finishes), so a run killed
 at its time limit still leaves the counts so far. Works under pytest-xdist (``-n N``): the
 fixture flag travels in the report's ``user_properties``.
 """

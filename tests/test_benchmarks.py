@@ -178,7 +178,7 @@ def test_prune_cost_prunes_in_fresh_processes_and_reproduces_outputs_byte_for_by
 
 # ---- gpu_check.sh (issue 15): its CPU --small form, so the prepared GPU check cannot rot ---------
 def test_gpu_check_small_runs_every_step_and_writes_at_most_8_files(tmp_path):
-    """The whole check in its small form, as a device session would run it (install skipped:
+    """The whole check in its small form, as a run on a device would take it (install skipped:
     this checkout is installed). A method that is not registered is skipped, never replaced."""
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--small", "--budget-s", "1200", "--methods", "olica nosuch", "--out", str(out),

@@ -90,13 +90,13 @@ class CascadeConfig:
     recon_loss: str = "rms"
     # Learning rate over the epochs: "cosine" (decays to 0) or "constant". At a constant 2e-5 the
     # second epoch raised the held-out error of 3 of the first 10 layers (e.g. layer 7: 0.89 ->
-    # 1.15 of its start); whole WikiText-2 @128 at 20 % (RESULTS "cascade", session 13): 95.11 with
-    # cosine, 97.73 constant (bfloat16 steps both).
+    # 1.15 of its start); whole WikiText-2 @128 at 20 % (RESULTS "cascade", what was tried): 95.11
+    # with cosine, 97.73 constant (bfloat16 steps both).
     recon_schedule: str = "cosine"
     recon_min_gain: float = 0.0  # stop a layer after an epoch that gains less than this fraction of its start
     # The training steps' matmuls: "auto" (bfloat16 under autocast where the device multiplies it
     # natively: CUDA with bf16, a CPU with AMX; else float32), "bfloat16" or "float32". Weights,
-    # Adam and every held-out measurement stay float32 (RESULTS "cascade", session 13).
+    # Adam and every held-out measurement stay float32 (RESULTS "cascade", what was tried).
     recon_precision: str = "auto"
     # What a pruned layer is fitted to: "dense_layer" (the dense layer applied to the same
     # pruned input) or "dense_stream" (the dense model's own hidden states leaving the layer,
