@@ -6,6 +6,7 @@ process per depth and is marked slow, ~30 s: ``-m 'not slow'`` skips it).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -20,6 +21,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--config", "custom", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "512"]
 
 
+def bench(name: str):
+    """A script of benchmarks/ imported as a module (its folder on sys.path only while importing)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def run_script(name: str, *args: str, timeout: int = 600) -> dict:
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -30,13 +40,7 @@ def run_script(name: str, *args: str, timeout: int = 600) -> dict:
 
 @pytest.fixture(scope="module")
 def make_synthetic():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import make_synthetic
-
-        yield make_synthetic
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench("make_synthetic")
 
 
 def test_make_synthetic_writes_a_sharded_checkpoint_the_engine_opens(tmp_path):
@@ -87,11 +91,7 @@ def test_bench_layers_end_to_end():
 
 
 def test_quality_plot_draws_each_methods_default_rows_newest_first():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import plot_quality
-    finally:
-        sys.path.remove(str(BENCH))
+    plot_quality = bench("plot_quality")
 
     def rec(row, ratio, ppl, ev="wikitext2:128"):
         return {"row": row, "eval": ev, "achieved_ratio": ratio, "ppl": ppl}
@@ -124,11 +124,7 @@ def test_bench_memory_end_to_end(tmp_path):
 
 
 def test_quality_table_renders_records_and_marks_missing_cells():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(BENCH))
+    quality = bench("quality")
     pruned = {"params": 80, "achieved_ratio": 0.2, "prune_wall_s": 12.4}
     done = {
         ("dense", "wikitext2:128", None): {"ppl": 56.1, "windows": 10},
@@ -144,11 +140,7 @@ def test_quality_table_renders_records_and_marks_missing_cells():
 
 
 def test_quality_run_stopped_by_a_signal_ends_with_the_engines_message_not_a_traceback(monkeypatch, tmp_path, capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(BENCH))
+    quality = bench("quality")
     from streamprune.interrupts import Interrupted
 
     def stopped(cfg):
@@ -205,23 +197,13 @@ def test_gpu_check_small_runs_every_step_and_writes_at_most_8_files(tmp_path):
     assert s["env"]["streamprune"]["methods"] and "olica" in s["env"]["streamprune"]["methods"]
     # the markdown is what gpu_summary renders from summary.json, and it was printed last
     md = (out / "gpu_section.md").read_text()
-    assert md == _gpu_summary().render(s) and md.strip() in proc.stdout
+    assert md == bench("gpu_summary").render(s) and md.strip() in proc.stdout
     assert "| olica 0.2 | 0 |" in md and "small (CI) shapes" in md and "| obs greedy, deferred |" in md
     assert not (work / "model").exists() and not (work / "bench").exists()  # work folder cleaned up
 
 
-def _gpu_summary():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_summary
-
-        return gpu_summary
-    finally:
-        sys.path.remove(str(BENCH))
-
-
 def test_gpu_summary_checks_the_goals_and_marks_a_killed_run():
-    gs = _gpu_summary()
+    gs = bench("gpu_summary")
     layer = {"layer": 0, "read_s": 1.0, "forward_s": 2.0, "decide_s": 3.0, "write_s": 0.5, "wall_s": 6.5,
              "gpu_peak_allocated_bytes": 12e9, "gpu_peak_reserved_bytes": 17e9, "rss_bytes": 8 * 2**30, "bytes_read": 3e9, "bytes_written": 2e9}
     ok = {"method": "olica", "ratio": 0.2, "status": "ok", "achieved_ratio": 0.2001, "median_s": {"wall": 6.5}, "survey_per_layer_s": 0.5,
@@ -242,11 +224,7 @@ def test_gpu_summary_checks_the_goals_and_marks_a_killed_run():
 
 
 def test_gpu_check_kills_a_child_past_its_limit(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(BENCH))
+    gpu_check = bench("gpu_check")
     check = gpu_check.Check(gpu_check.parse_args(["--small", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]))
     t0 = time.monotonic()
     rc, lines, secs = check.run("sleeper", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(300)"], cap=10)
@@ -258,14 +236,7 @@ def test_gpu_check_kills_a_child_past_its_limit(tmp_path):
 def test_gpu_check_full_mode_builds_commands_the_scripts_accept(tmp_path, monkeypatch):
     """The 70B-shaped branch cannot run in CI: replay it with a fake child runner on a
     pretend CUDA machine and parse every command with the script's own argument parser."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_kernels
-        import bench_layers
-        import gpu_check
-        import make_synthetic
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_kernels, bench_layers, gpu_check, make_synthetic = map(bench, ("bench_kernels", "bench_layers", "gpu_check", "make_synthetic"))
     work = tmp_path / "w"
     check = gpu_check.Check(gpu_check.parse_args(["--methods", "olica,lorap", "--out", str(tmp_path / "o"), "--work", str(work),
                                                   "--install", "never"]))
@@ -305,11 +276,7 @@ def test_gpu_check_full_mode_builds_commands_the_scripts_accept(tmp_path, monkey
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_refuses_the_70b_check_without_cuda(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(BENCH))
+    gpu_check = bench("gpu_check")
     with pytest.raises(SystemExit) as e:
         gpu_check.main(["--steps", "synthetic,layers", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])
     assert e.value.code == 2
@@ -324,3 +291,52 @@ def test_bench_recon_step_times_the_three_ways_on_one_layer():
     assert out["bench"] == "recon_step" and out["tokens"] == 64 and out["params"] == 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 KV heads of 16); gate, up, down; norms
     assert [r["step"] for r in out["rows"]] == ["float32, per-tensor Adam", "float32, fused Adam", "bfloat16 autocast, fused Adam"]
     assert all(r["ms"] > 0 and r["adam_ms"] > 0 for r in out["rows"])
+
+
+# ---- RESULTS.md: the summary's figures come from records of today's defaults ------------------
+def test_results_summary_is_backed_by_records_of_the_default_rows(capsys):
+    """Every figure of RESULTS.md's summary has a record (same value as printed) of the
+    method's default row (``METHOD-PCT``, no options) in benchmarks/results/*.jsonl."""
+    check_results = bench("check_results")
+    assert check_results.main([]) == 0, capsys.readouterr().out
+    claims, problems = check_results.parse_summary((BENCH / "RESULTS.md").read_text())
+    assert not problems
+    assert {c.row for c in claims} >= {"dense", "olica-20", "lorap-50", "slimllm-50", "cascade-20", "cascade-50"}
+    assert {c.kind for c in claims} == {"wikitext2:128", "wikitext2:2048", "ptb:128", "cost"}
+
+
+def test_check_results_flags_figures_without_a_default_record(tmp_path, capsys):
+    check_results = bench("check_results")
+    q = [{"row": "dense", "eval": "wikitext2:128", "max_windows": None, "ppl": 56.1026},
+         {"row": "olica-20", "eval": "wikitext2:128", "max_windows": None, "ppl": 119.2723, "prune_wall_s": 268.02,
+          "prune_peak_rss_bytes": 1088749568},
+         {"row": "olica-20", "eval": "ptb:128", "max_windows": 64, "ppl": 150.0},  # a subset: never backs a cell
+         {"row": "cascade-20-recon_schedule=constant", "eval": "wikitext2:128", "max_windows": None, "ppl": 97.73},
+         {"row": "magnitude-20", "eval": "wikitext2:128", "max_windows": None, "ppl": 1044365.63}]
+    cost = [{"row": "olica-20", "prune_wall_s": 264.42, "peak_rss_bytes": 1461575680}]
+    (tmp_path / "results").mkdir()
+    for name, recs in (("quality", q), ("prune_cost", cost)):
+        (tmp_path / "results" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def check(summary: str) -> list[str]:
+        md = tmp_path / "RESULTS.md"
+        md.write_text("# R\n\n## Summary\n\n" + summary + "\n## Next\n\n| method | removed | PTB @128 |\n|---|---|---|\n| nope | 1 % | x |\n")
+        rc = check_results.main(["--results-md", str(md), "--results-dir", str(tmp_path / "results")])
+        out = capsys.readouterr().out.splitlines()
+        assert (rc == 0) == ("are backed by records" in out[-1])
+        return out if rc else []
+
+    good = ("| WikiText-2 @128 | 10 % | 20 % |\n|---|---|---|\n| Olica | – | 119.27 |\n| magnitude | – | 1,044,366 |\n\n"
+            "| method | removed | WikiText-2 @128 | PTB @128 | prune wall | peak RSS |\n|---|---|---|---|---|---|\n"
+            "| dense | 0 % | 56.10 | – | – | – |\n| **Olica** | 20 % | **119.27** | – | 264.4 s | 1.36 GiB |\n")
+    assert check(good) == []
+    assert check(good.replace("264.4 s | 1.36 GiB", "268.0 s | 1.01 GiB")) == []  # the quality run's prune is a record too
+    bad = check(good.replace("| 119.27 |\n| magnitude", "| 119.28 |\n| magnitude")  # not the record's value
+                + "| cascade (ours) | 20 % | 97.73 | – | – | – |\n"  # only a superseded setting has it
+                + "| Olica | 20 % | – | 150.00 | – | – |\n"  # only a 64-window record has it
+                + "| Olica | 20 % | – | – | 264.4 s | 1.02 GiB |\n"  # wall and RSS from different records
+                + "| LoRAP | 20 % | n/a | – | – | – |\n")  # not a figure
+    assert len(bad) == 5, bad
+    for what in ("'n/a' under 'WikiText-2 @128' is not a figure", "olica-20 wikitext2:128 = 119.28", "cascade-20 wikitext2:128 = 97.73",
+                 "olica-20 ptb:128 = 150.00", "olica-20 prune wall / peak RSS = 264.4 s / 1.02 GiB"):
+        assert sum(what in line for line in bad) == 1, (what, bad)
