@@ -6,7 +6,9 @@ Reads ``benchmarks/results/quality.jsonl`` (written by ``benchmarks/quality.py``
 else: a row is drawn when its options leave the method at its default setting (``METHOD-PCT``,
 or options equal to the defaults); the newest record of a ratio wins; the dense model is the
 point at ratio 0 of every line. Missing points are simply absent (run
-``quality.py --rows olica-10,olica-30,...`` to add them). Log-scale PPL axis.
+``quality.py --rows olica-10,olica-30,...`` to add them). Log-scale PPL axis. The legend names
+each line's configuration: the default's (cascade's reconstruction setting read from its
+config), and ``--also LABEL=ROW,...`` draws another setting's rows dashed under LABEL.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from quality import NSAMPLES, parse_row, split_calibration  # noqa: E402  (sibli
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"
 LABELS = {"olica": "Olica", "lorap": "LoRAP", "slimllm": "SlimLLM", "cascade": "cascade (ours)", "magnitude": "magnitude"}
+
+
+def default_label(method: str) -> str:
+    """The legend of a method's default line: its name and, for cascade, the reconstruction
+    setting it stands for (read from the config, so the legend follows the defaults)."""
+    name = LABELS.get(method, method)
+    if method != "cascade":
+        return name
+    from streamprune.methods import build_method
+
+    c = build_method(method, 0.2, {}).config
+    steps = {"auto": "bf16 steps where native", "bfloat16": "bf16 steps", "float32": "float32 steps"}.get(c.recon_precision, c.recon_precision)
+    return f"{name}: {c.recon_epochs} × {c.recon_batch_tokens}-token epochs, {c.recon_schedule} rate, {steps}"
 
 
 def is_default(method: str, options: dict) -> bool:
@@ -80,7 +95,8 @@ def main() -> None:
         if method == "magnitude":
             continue  # ~1e6 at 20 %: off the useful scale
         xs, ys = zip(*series[method])
-        ax.plot([100 * x for x in xs], ys, marker="o", label=LABELS.get(method, method), lw=2.2 if method == "cascade" else 1.4)
+        ax.plot([100 * x for x in xs], ys, marker="o", label=default_label(method),
+                lw=2.2 if method == "cascade" else 1.4, zorder=3 if method == "cascade" else 2)
     dense = next((p for pts in series.values() for p in pts if p[0] == 0.0), None)
     for spec in args.also:
         label, rows = spec.split("=", 1)
@@ -89,14 +105,15 @@ def main() -> None:
         pts = sorted(dict(pts).items()) if pts else []
         if pts:
             xs, ys = zip(*([dense] if dense else []) + pts)
-            ax.plot([100 * x for x in xs], ys, marker="s", ls="--", lw=1.2, label=label)
+            ax.plot([100 * x for x in xs], ys, marker="s", ms=4, ls="--", lw=1.0, alpha=0.75, label=label, zorder=1)
     dataset, seqlen = args.eval.split(":")
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (% of total, achieved)")
-    ax.set_ylabel(f"{dataset} PPL @{seqlen}" + (f" (first {args.max_windows} windows)" if args.max_windows else " (whole test set)"))
+    name = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}.get(dataset, dataset)
+    ax.set_ylabel(f"{name} PPL @{seqlen}" + (f" (first {args.max_windows} windows)" if args.max_windows else " (whole test set)"))
     ax.set_title("SmolLM2-135M-Instruct: quality vs size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)

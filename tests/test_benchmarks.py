@@ -105,6 +105,11 @@ def test_quality_plot_draws_each_methods_default_rows_newest_first():
                rec("olica-20", 0.2, 1.0, ev="ptb:128")]
     series = plot_quality.points(records, "wikitext2:128", None)
     assert series == {"olica": [(0.0, 56.1), (0.2, 118.0), (0.4997, 935.8)], "cascade": [(0.0, 56.1), (0.1997, 104.6)]}
+    from streamprune.methods import build_method
+
+    c = build_method("cascade", 0.2, {}).config  # the legend names the default's setting, read from its config
+    assert plot_quality.default_label("cascade").startswith(f"cascade (ours): {c.recon_epochs} × {c.recon_batch_tokens}-token epochs, {c.recon_schedule} rate")
+    assert plot_quality.default_label("olica") == "Olica"
     quality = sys.modules["quality"]  # plot_quality's sibling: the row grammar
     assert quality.split_calibration("cascade", quality.parse_row("cascade-20-nsamples=512-recon=false")[2]) == ({"recon": False}, 512)
     assert quality.split_calibration("slimllm", {}) == ({}, 32)
