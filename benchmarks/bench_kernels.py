@@ -24,17 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from streamprune.kernels import (
-    Moments,
-    cross,
-    energy,
-    gram,
-    linear_fit_pearson,
-    ridge_lambda,
-    ridge_solve,
-    truncated_svd,
-    weighted_svd,
-)
+from streamprune.kernels.moments import Moments, cross, energy, gram
+from streamprune.kernels.pearson import linear_fit_pearson
+from streamprune.kernels.ridge import ridge_lambda, ridge_solve
+from streamprune.kernels.svd import truncated_svd, weighted_svd
 from streamprune.kernels import obs  # FLUSH, and the eager loop as flush=1
 from streamprune.kernels.obs import damped
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamprune.demo_model import ensure_demo_model
-from streamprune.kernels import obs_cost_curve, obs_remove_columns
+from streamprune.kernels.obs import obs_cost_curve, obs_remove_columns
 
 C4 = Path(__file__).resolve().parents[1] / "streamprune" / "data" / "c4" / "validation-2k.jsonl"
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from .errors import StreamPruneError
@@ -28,7 +29,7 @@ def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint folder layer by layer")
     p.add_argument("source", type=Path, help="Hugging Face model folder (safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder (a loadable HF model)")
-    p.add_argument("--method", default="olica", help="pruning method (default: olica)")
+    p.add_argument("--method", default="cascade", help="pruning method: cascade (default: the best measured), olica, lorap, slimllm, magnitude")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. --option mlp_num=4")
     p.add_argument("--tokenizer", type=Path, default=None, help="folder with the tokenizer files, if SRC lacks them (copied to the output)")
@@ -108,23 +109,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> dict:
     if args.command == "prune":
-        # refuse a busy run dir / --out before the slow torch import (under torchrun rank 0
-        # alone holds the lock, so only it probes)
-        if not args.dry_run and os.environ.get("RANK", "0") == "0":
-            from .runlock import refuse_if_held, run_dir_for
+        # Lock the run dir and --out before the slow torch import and hold them for the whole
+        # run: a second prune on either is refused at once, whenever it starts (under torchrun
+        # rank 0 alone holds the locks, as in the engine).
+        from .runlock import held, run_dir_for
 
-            refuse_if_held(run_dir_for(args.out, args.work_dir), args.out)
-        from .config import PruneConfig
-        from .engine import prune
+        with ExitStack() as lock:
+            if not args.dry_run and os.environ.get("RANK", "0") == "0":
+                lock.enter_context(held(run_dir_for(args.out, args.work_dir), args.out))
+            from .config import PruneConfig
+            from .engine import prune
 
-        cfg = PruneConfig(
-            source=args.source, out=args.out, method=args.method, ratio=args.ratio, method_options=_options(args.option),
-            calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
-            dtype=args.dtype, chunk_tokens=args.chunk_tokens, work_dir=args.work_dir, fresh=args.fresh,
-            keep_work=args.keep_work, dry_run=args.dry_run, max_gpu_memory=args.max_gpu_memory, progress=not args.no_progress,
-            tokenizer=args.tokenizer,
-        )
-        return prune(cfg)
+            cfg = PruneConfig(
+                source=args.source, out=args.out, method=args.method, ratio=args.ratio, method_options=_options(args.option),
+                calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
+                dtype=args.dtype, chunk_tokens=args.chunk_tokens, work_dir=args.work_dir, fresh=args.fresh,
+                keep_work=args.keep_work, dry_run=args.dry_run, max_gpu_memory=args.max_gpu_memory,
+                progress=not args.no_progress, tokenizer=args.tokenizer,
+            )
+            return prune(cfg)
     if args.command == "eval":
         from .evaluate import EvalConfig, perplexity, perplexity_in_memory
 

@@ -48,7 +48,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 class PruneConfig:
     source: Path
     out: Path
-    method: str = "olica"
+    method: str = "cascade"  # the best measured method (benchmarks/RESULTS.md)
     ratio: float = 0.2
     method_options: dict = field(default_factory=dict)
     calib: str = "c4"

@@ -16,8 +16,10 @@ CLI's early check :func:`refuse_if_held`) only probe with a non-blocking shared 
 (:func:`holder`); taking the lock retries for half a second, so a probe never makes a
 prune fail.
 
-Only stdlib: the CLI probes before it imports torch, so a refusal takes well under a
-second; the engine holds the lock itself, so the Python API is excluded the same way.
+Only stdlib: the CLI takes the locks before it imports torch and holds them for the run,
+so a second prune is refused in well under a second whenever it starts, even while the
+first is still importing; the engine takes them itself too (a no-op under the CLI, see
+:func:`held`), so the Python API is excluded the same way.
 """
 
 from __future__ import annotations
@@ -140,26 +142,26 @@ def _targets(run_dir: str | Path, out: str | Path) -> list[tuple[Path, str]]:
     return [(out_lock_path(Path(out)), f"output folder {str(out)!r}"), (run_lock_path(Path(run_dir)), f"work dir {str(run_dir)!r}")]
 
 
+_HELD: set[Path] = set()  # lock files this process holds: a nested ``held`` on them is a no-op
+
+
 @contextmanager
 def held(run_dir: str | Path, out: str | Path):
-    """Hold the output folder's lock, then the run directory's, for the block."""
+    """Hold the output folder's lock, then the run directory's, for the block.
+
+    Re-entrant within a process: the CLI takes both locks before it imports torch and
+    the engine's own ``held`` (the Python API's guard) then finds them already held."""
     locks: list[_Lock] = []
     try:
         for path, what in _targets(run_dir, out):
-            locks.append(_Lock(path, what))
+            if path.absolute() not in _HELD:
+                locks.append(_Lock(path, what))
+                _HELD.add(path.absolute())
         yield
     finally:
         for lock in reversed(locks):
+            _HELD.discard(lock.path.absolute())
             lock.release()
-
-
-def refuse_if_held(run_dir: str | Path, out: str | Path) -> None:
-    """Raise :class:`RunLocked` now if a live process holds either lock (a cheap probe the
-    CLI makes before importing torch; :func:`held` is what actually excludes)."""
-    for path, what in _targets(run_dir, out):
-        h = holder(path)
-        if h is not None:
-            raise _busy(what, path, h)
 
 
 def holder(path: str | Path) -> dict | None:

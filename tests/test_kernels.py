@@ -18,20 +18,10 @@ import pytest
 import torch
 
 from streamprune.errors import NumericalError
-from streamprune.kernels import (
-    Moments,
-    choose_solver,
-    colsum,
-    cross,
-    energy,
-    gram,
-    linear_fit_pearson,
-    pearson_from_moments,
-    ridge_lambda,
-    ridge_solve,
-    truncated_svd,
-    weighted_svd,
-)
+from streamprune.kernels.moments import Moments, colsum, cross, energy, gram
+from streamprune.kernels.pearson import linear_fit_pearson, pearson_from_moments
+from streamprune.kernels.ridge import ridge_lambda, ridge_solve
+from streamprune.kernels.svd import choose_solver, truncated_svd, weighted_svd
 from streamprune.kernels import reference as ref
 
 F64 = torch.float64

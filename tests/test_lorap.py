@@ -16,7 +16,7 @@ from reference import logits_of, prune_in_memory
 from streamprune import PruneConfig, load_pruned, prune
 from streamprune.adapters import open_model
 from streamprune.errors import ConfigError, RatioError
-from streamprune.kernels import truncated_svd
+from streamprune.kernels.svd import truncated_svd
 from streamprune.methods import build_method
 from streamprune.methods import lorap as lorap_mod
 from streamprune.methods.channels import ffn_channel_scores, select_channels

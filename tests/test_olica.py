@@ -36,7 +36,7 @@ from streamprune import PruneConfig, load_pruned, prune, writer
 from streamprune.adapters import open_model
 from streamprune.errors import RatioError
 from streamprune.journal import RunDir
-from streamprune.kernels import weighted_svd
+from streamprune.kernels.svd import weighted_svd
 from streamprune.kernels.reference import linear_fit_pearson_ref
 from streamprune.methods import build_method
 from streamprune.methods.channels import select_channels

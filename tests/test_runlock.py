@@ -85,6 +85,43 @@ def test_second_process_is_refused_at_once_and_the_first_is_unharmed(tiny_llama,
     assert inspect_run(run, out=io.StringIO())["running"] is None
 
 
+def loaded(pid: int, library: str) -> bool:
+    """Whether process ``pid`` has mapped a shared library whose name contains ``library``."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_second_prune_started_while_the_first_imports_torch_is_refused_at_once(tiny_llama, tmp_path, baseline):
+    """The CLI takes the locks before its heavy imports: a second prune started 0.5 s after
+    the first (which is then still importing torch) is refused in well under a second, before
+    importing torch itself, touching nothing; the first finishes as a lone run would."""
+    out = tmp_path / "out"
+    t_first = time.monotonic()
+    first = start_cli("prune", tiny_llama, "--out", out, *JOB)
+    while runlock.holder(runlock.out_lock_path(out)) is None:  # the lock: its first act
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() - t_first < 30
+        time.sleep(0.01)
+    time.sleep(max(0.0, 0.5 - (time.monotonic() - t_first)))
+    first_had_torch = loaded(first.pid, "libtorch")
+    t0 = time.monotonic()
+    second = subprocess.run([sys.executable, "-X", "importtime", "-m", "streamprune", "prune", str(tiny_llama),
+                             "--out", str(out), *JOB], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    err = [line for line in second.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+    assert second.returncode == 3, second.stderr[-2000:]
+    assert len(err) == 1 and f"in use by pid {first.pid}" in err[0], err
+    assert "torch" not in imported and "transformers" not in imported  # refused before the heavy imports
+    assert elapsed < 1.0, elapsed
+    assert not out.exists()  # the first is still running: nothing published, nothing by the second
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert digests(out) == baseline
+    print(f"second refused after {elapsed:.2f} s; first had torch loaded then: {first_had_torch}")
+
+
 def test_lock_of_a_sigkilled_run_does_not_block(tiny_llama, tmp_path, baseline):
     out, run = tmp_path / "out", tmp_path / "out.work"
     killed = run_cli("prune", tiny_llama, "--out", out, *JOB, crash_at="committed:1")

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from ..errors import NumericalError, RatioError
-from ..kernels import SOLVERS, energy, weighted_svd
+from ..kernels.moments import energy
+from ..kernels.svd import SOLVERS, weighted_svd
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 from .base import Decision, Method

@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ...kernels import obs_cost_curve
+from ...kernels.obs import obs_cost_curve
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
 from ..base import Decision, LayerData, Method

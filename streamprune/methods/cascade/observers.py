@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import energy
+from ...kernels.moments import energy
 
 _BLOCK = 4096  # tokens at a time for the weighted Gram
 

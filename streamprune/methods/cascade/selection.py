@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import obs_remove_columns
-from ...kernels.obs import FLUSH
+from ...kernels.obs import FLUSH, obs_remove_columns
 from ...shapes import ModelShapes
 
 OBS_DTYPE = torch.float32

@@ -73,7 +73,9 @@ import torch
 from torch import Tensor
 
 from ...errors import RatioError
-from ...kernels import SOLVERS, linear_fit_pearson, ridge_lambda, ridge_solve, weighted_svd
+from ...kernels.pearson import linear_fit_pearson
+from ...kernels.ridge import ridge_lambda, ridge_solve
+from ...kernels.svd import SOLVERS, weighted_svd
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
 from ..base import Decision, Method

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import truncated_svd
+from ...kernels.svd import truncated_svd
 
 
 

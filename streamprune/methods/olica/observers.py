@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels import Moments, energy
+from ...kernels.moments import Moments, energy
 
 _BLOCK = 4096  # tokens cast to fp32 at a time
 

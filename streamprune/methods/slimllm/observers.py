@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import NumericalError
-from ...kernels import Moments, energy
+from ...kernels.moments import Moments, energy
 from .heads import HeadMoments
 
 BLOCK_ELEMS = 1 << 24  # fp32 elements of one temporary block: head outputs (H, rows, d) here
