@@ -240,10 +240,8 @@ class Check:
         cmd = [self.py, str(HERE / "gpu_env.py"), "--work", str(self.a.work)]
         if self.device != "auto":
             cmd += ["--device", self.device]
-        rc, lines, secs = self.run("env", cmd, self.cap("env"))
-        env = last_json(lines) if rc == 0 else None
+        env, secs = self.run_json("env", cmd)
         if env is None:
-            self.record("env", "failed" if rc is not None else "timeout", secs, rc=rc)
             return
         self.summary["env"] = env
         write_json(self.a.out / "env.json", env)
@@ -269,15 +267,21 @@ class Check:
             self.record("synthetic", "ok", note=f"reused {folder} (same shapes)")
             return
         shutil.rmtree(folder, ignore_errors=True)
-        rc, lines, secs = self.run("synthetic", [self.py, str(HERE / "make_synthetic.py"), *shape, "--out", str(folder)],
-                                   self.cap("synthetic"))
-        info = last_json(lines) if rc == 0 else None
+        info, secs = self.run_json("synthetic", [self.py, str(HERE / "make_synthetic.py"), *shape, "--out", str(folder)])
         if info is None:
-            self.record("synthetic", "failed" if rc is not None else "timeout", secs, rc=rc)
             return
         write_json(stamp, {"args": shape, "summary": info})
         self.summary["synthetic"] = info
         self.record("synthetic", "ok", secs, note=f"{info['total_bytes'] / 2**20:.1f} MiB in {info['layers'] + 1} shards")
+
+    def run_json(self, step: str, cmd: list[str]) -> tuple[dict | None, float]:
+        """Run a step's one child under the step's cap: (its last JSON line, seconds), or
+        (None, seconds) with the step recorded as failed / timed out."""
+        rc, lines, secs = self.run(step, cmd, self.cap(step))
+        res = last_json(lines) if rc == 0 else None
+        if res is None:
+            self.record(step, "failed" if rc is not None else "timeout", secs, rc=rc)
+        return res, secs
 
     def resolve_device(self) -> str:
         """--device auto without the env step: ask torch in a child."""
@@ -357,10 +361,8 @@ class Check:
             return
         cmd = [self.py, str(HERE / "bench_kernels.py"), "--device", self.resolve_device()]
         cmd += ["--small", "--d", "256", "--f", "512", "--tokens", "1024", "--repeat", "1"] if self.a.small else ["--repeat", "5", "--svd-repeat", "1"]
-        rc, lines, secs = self.run("kernels", cmd, self.cap("kernels"))
-        res = last_json(lines) if rc == 0 else None
+        res, secs = self.run_json("kernels", cmd)
         if res is None:
-            self.record("kernels", "failed" if rc is not None else "timeout", secs, rc=rc)
             return
         self.summary["kernels"] = res
         write_json(self.a.out / "kernels.json", res)

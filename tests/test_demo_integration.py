@@ -34,15 +34,15 @@ def test_streamed_ppl_equals_transformers(demo, dense_ppl):
     assert 20 < dense_ppl["ppl"] < 200  # a real language model, not noise
 
 
+def prune_each(demo, root, methods, nsamples: int, seqlen: int) -> dict:
+    """method -> (output folder, report) of the demo model pruned by 20 % with each method."""
+    return {m: (root / m, prune(PruneConfig(source=demo, out=root / m, method=m, ratio=0.2, calib="c4", nsamples=nsamples,
+                                            seqlen=seqlen, progress=False))) for m in methods}
+
+
 @pytest.fixture(scope="module")
 def pruned(demo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    outs = {}
-    for method in ("olica", "magnitude"):
-        out = root / method
-        report = prune(PruneConfig(source=demo, out=out, method=method, ratio=0.2, calib="c4", nsamples=32, seqlen=128, progress=False))
-        outs[method] = (out, report)
-    return outs
+    return prune_each(demo, tmp_path_factory.mktemp("demo"), ("olica", "magnitude"), nsamples=32, seqlen=128)
 
 
 def test_olica_prunes_demo_model_far_better_than_magnitude(pruned, dense_ppl):
@@ -72,13 +72,8 @@ def test_pruned_demo_loads_both_ways_with_equal_logits(pruned):
 @pytest.fixture(scope="module")
 def pruned_other_methods(demo, tmp_path_factory):
     """LoRAP and SlimLLM outputs (cheap calibration: only generation is tested on them)."""
-    root = tmp_path_factory.mktemp("demo_other")
-    outs = {}
-    for method in ("lorap", "slimllm"):
-        out = root / method
-        prune(PruneConfig(source=demo, out=out, method=method, ratio=0.2, calib="c4", nsamples=16, seqlen=64, progress=False))
-        outs[method] = out
-    return outs
+    outs = prune_each(demo, tmp_path_factory.mktemp("demo_other"), ("lorap", "slimllm"), nsamples=16, seqlen=64)
+    return {m: out for m, (out, _) in outs.items()}
 
 
 def test_greedy_generation_with_cache_equals_without_for_every_method(pruned, pruned_other_methods):

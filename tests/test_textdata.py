@@ -186,21 +186,21 @@ def test_bad_eval_sizes(tmp_path):
 
 # --- resolving sources ------------------------------------------------------------------
 
-def test_resolve_errors_name_the_path_and_the_fix(tmp_path):
-    with pytest.raises(CalibrationError, match=r"nope\.txt does not exist: check the path"):
-        resolve_text_source(str(tmp_path / "nope.txt"))
-    (tmp_path / "empty.txt").write_text("  \n\n")
-    with pytest.raises(CalibrationError, match=r"empty\.txt is empty"):
-        resolve_text_source(str(tmp_path / "empty.txt"))
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n\n{"body": "no text"}\n')
-    with pytest.raises(CalibrationError, match=r"bad\.jsonl line 3 has no string 'text' field"):
-        resolve_text_source(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "garbled.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(CalibrationError, match=r"garbled\.jsonl line 2 is not JSON"):
-        resolve_text_source(str(tmp_path / "garbled.jsonl"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(CalibrationError, match=r"unknown text source file .*data\.csv.*wikitext2, ptb, c4"):
-        resolve_text_source(str(tmp_path / "data.csv"))
+@pytest.mark.parametrize("name, text, message", [
+    ("nope.txt", None, r"nope\.txt does not exist: check the path"),
+    ("empty.txt", "  \n\n", r"empty\.txt is empty"),
+    ("bad.jsonl", '{"text": "fine"}\n\n{"body": "no text"}\n', r"bad\.jsonl line 3 has no string 'text' field"),
+    ("garbled.jsonl", '{"text": "fine"}\nnot json\n', r"garbled\.jsonl line 2 is not JSON"),
+    ("data.csv", "a,b\n", r"unknown text source file .*data\.csv.*wikitext2, ptb, c4"),
+])
+def test_resolve_errors_name_the_path_and_the_fix(tmp_path, name, text, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(CalibrationError, match=message):
+        resolve_text_source(str(tmp_path / name))
+
+
+def test_unknown_source_name_and_kind_are_refused(tmp_path):
     with pytest.raises(CalibrationError, match=r"unknown text source name or path 'wikitext3'"):
         resolve_text_source("wikitext3")
     with pytest.raises(ConfigError, match="kind must be one of"):
