@@ -1,0 +1,1 @@
+"""Export formats: other runtimes' model files written from a pruned folder, streamed."""
