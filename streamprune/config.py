@@ -44,6 +44,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+FORMATS = ("streamprune", "nemotron-nas")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     source: Path
@@ -65,6 +68,10 @@ class PruneConfig:
     max_gpu_memory: str | None = None
     progress: bool = True
     tokenizer: Path | None = None  # a folder with the tokenizer files (default: the source's)
+    # The output folder's format: "streamprune" (our modeling file: every structure) or
+    # "nemotron-nas" (DeciLM: vLLM, SGLang, TensorRT-LLM, MLX-lm, llama.cpp's GGUF converter;
+    # the method then produces the servable structure, see streamprune.formats.nemotron_nas).
+    format: str = "streamprune"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", Path(self.source))
@@ -81,6 +88,8 @@ class PruneConfig:
             raise ConfigError(f"--seqlen must be > 0, got {self.seqlen}")
         if self.chunk_tokens <= 0:
             raise ConfigError(f"--chunk-tokens must be > 0, got {self.chunk_tokens}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
 
     @property
     def run_dir(self) -> Path:

@@ -47,6 +47,8 @@ def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dt
     }
     if world_size > 1:  # the calibration split (so the sums' rounding and each rank's cache) depend on it
         fp["world_size"] = world_size
+    if cfg.format != "streamprune":  # only then: fingerprints of earlier runs stay as they were
+        fp["format"] = cfg.format
     if cfg.tokenizer is not None:  # only then: fingerprints of runs without it stay as they were
         fp["tokenizer"] = tokenizer_digest(cfg.tokenizer)
     return fp
@@ -59,8 +61,25 @@ def plan(cfg: PruneConfig):
     if cfg.seqlen > shapes.max_position_embeddings:
         raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {shapes.max_position_embeddings}")
     method = build_method(cfg.method, cfg.ratio, cfg.method_options)
+    if cfg.format == "nemotron-nas":
+        method = servable_method(cfg, method)
     method.plan(shapes, survey=None)
     return adapter, shapes, method, method.planned_specs(shapes)
+
+
+def servable_method(cfg: PruneConfig, method):
+    """The method with the options that make it produce the servable structure
+    (``Method.servable_options``); a method that cannot is refused in one line."""
+    extra = type(method).servable_options
+    if extra is None:
+        raise ConfigError(f"--format {cfg.format} stores dense attention (kept or removed) and FFN widths in multiples of 256, "
+                          f"which --method {cfg.method} cannot produce: use --method cascade (the best) or magnitude, or "
+                          "--format streamprune")
+    clash = sorted(k for k, v in extra.items() if k in cfg.method_options and cfg.method_options[k] != v)
+    if clash:
+        raise ConfigError(f"--format {cfg.format} needs --option {clash[0]}={extra[clash[0]]}, got "
+                          f"{clash[0]}={cfg.method_options[clash[0]]}: drop that --option or use --format streamprune")
+    return build_method(cfg.method, cfg.ratio, {**cfg.method_options, **extra})
 
 
 @torch.no_grad()

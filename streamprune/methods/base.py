@@ -118,6 +118,9 @@ class Method:
     needs_decision_stream: bool = False
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
+    # The options that make the method produce the servable structure (dense attention kept or
+    # removed, FFN widths multiples of 256: what ``--format nemotron-nas`` stores); None: it cannot.
+    servable_options: dict | None = None
 
     def __init__(self, config, ratio: float):
         self.config = config

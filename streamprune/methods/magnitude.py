@@ -3,7 +3,10 @@
 A plumbing floor, not a result: weight-only scores ignore activations (on SmolLM2 they
 are worse than random). Channel j = gate row j + up row j + down column j; score =
 L2 norm of those weights together. Every layer drops the same number of channels,
-chosen so the achieved total reduction is the closest reachable to ``ratio``.
+chosen so the achieved total reduction is the closest reachable to ``ratio``. With
+``ffn_multiple=m`` (the servable structure of ``--format nemotron-nas``: m = 256) the widths
+are multiples of m and the layers drop multiples as evenly as the count allows (the last
+layers one more), so the ratio still lands within one step of a layer.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from .channels import slice_ffn
 
 @dataclass(frozen=True)
 class MagnitudeConfig:
-    """No knobs: the ratio alone fixes the FFN width."""
+    """The ratio alone fixes the FFN widths; ``ffn_multiple`` (1: any width) rounds them."""
+
+    ffn_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ffn_multiple, bool) or not isinstance(self.ffn_multiple, int) or self.ffn_multiple < 1:
+            raise ValueError(f"MagnitudeConfig.ffn_multiple must be an int >= 1, got {self.ffn_multiple!r}")
 
 
 def channels_to_prune(shapes: ModelShapes, ratio: float) -> int:
@@ -49,19 +58,42 @@ def keep_indices(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return torch.sort(order[n_prune:]).values
 
 
+def multiples_to_prune(shapes: ModelShapes, ratio: float, multiple: int) -> list[int]:
+    """Channels removed per layer, each a multiple of ``multiple``, spread as evenly as the
+    total allows (the last layers one more), the total reduction closest to ``ratio``."""
+    f, L = shapes.intermediate_size, shapes.num_layers
+    if f % multiple or f < 2 * multiple:
+        raise RatioError(f"--option ffn_multiple={multiple} must divide the FFN width {f} at least twice")
+    steps = round(ratio * shapes.total_params() / (multiple * 3 * shapes.hidden_size))
+    if steps > L * (f // multiple - 1):
+        raise RatioError(f"--ratio {ratio} is unreachable with method magnitude and FFN widths in multiples of {multiple}; lower --ratio")
+    base, extra = divmod(steps, L)
+    return [(base + (i >= L - extra)) * multiple for i in range(L)]
+
+
 class Magnitude(Method):
     name = "magnitude"
+    servable_options = {"ffn_multiple": 256}
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise RatioError(f"--ratio must be in [0, 1), got {self.ratio}")
-        self.n_prune = channels_to_prune(shapes, self.ratio)
-        self.spec = replace(shapes.dense_spec(), intermediate_size=shapes.intermediate_size - self.n_prune)
+        if self.config.ffn_multiple == 1:
+            self.n_prune = [channels_to_prune(shapes, self.ratio)] * shapes.num_layers
+        else:
+            self.n_prune = multiples_to_prune(shapes, self.ratio, self.config.ffn_multiple)
+        self.specs = [replace(shapes.dense_spec(), intermediate_size=shapes.intermediate_size - n) for n in self.n_prune]
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
-        return [self.spec] * shapes.num_layers
+        return list(self.specs)
 
     def decide(self, layer_idx, weights, observer) -> Decision:
         scores = channel_scores(weights["mlp.gate_proj.weight"], weights["mlp.up_proj.weight"], weights["mlp.down_proj.weight"])
-        keep = keep_indices(scores, self.n_prune)
-        return Decision(self.spec, slice_ffn(weights, keep), info={"ffn_kept": int(keep.numel())})
+        keep = keep_indices(scores, self.n_prune[layer_idx])
+        return Decision(self.specs[layer_idx], slice_ffn(weights, keep), info={"ffn_kept": int(keep.numel())})
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        if out.get("ffn_multiple") == 1:  # the default: fingerprints of runs before the option stay as they were
+            del out["ffn_multiple"]
+        return out

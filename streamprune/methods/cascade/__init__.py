@@ -41,6 +41,12 @@ Components (each one ``--option``, for the ablation):
   layer undoes its own pruning) or ``dense_stream`` (the dense model's own hidden states
   leaving the layer, streamed by the engine next to the pruned ones, so every layer also
   corrects the error its pruned input already carries).
+- ``structure``: ``streamprune`` (default: the base's attention cut — low-rank Q/K, value-dim
+  cuts — with the FFN as above) or ``servable``: the shapes every inference engine stores
+  (:mod:`.servable`, the nemotron-nas format): attention kept whole or removed, FFN widths a
+  multiple of ``ffn_multiple`` (256), chosen by measured costs (``allocation=obs``) or cut
+  alike in every layer (``allocation=uniform``); OBS selection and reconstruction as ever.
+  ``--format nemotron-nas`` on ``prune`` turns it on.
 - ``decide_on``: ``reconstructed`` (default: each decision sees the reconstructed stream) or
   ``unreconstructed`` (the engine streams the pruned model before reconstruction as well, and
   the base method decides on it: the decisions of ``recon=false``, reconstruction on top).
@@ -61,6 +67,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ...errors import RatioError
 from ...kernels.obs import obs_cost_curve
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
@@ -69,6 +76,8 @@ from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import PRECISIONS, ReconSettings, reconstruct_layer
 from .selection import OBS_DTYPE, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
+from .servable import ServableLayer, uniform_plan
+from .servable import allocate as allocate_servable
 
 CASCADE_CONFIG_VERSION = 3  # 2: dense targets computed once per chunk (was: per pass over the train/val split); 3: fused Adam, OBS in float32 at every width, bfloat16 training steps (auto)
 BASES = ("olica", "lorap", "slimllm")
@@ -119,6 +128,10 @@ class CascadeConfig:
     selection: str = "obs"
     obs_damp: float = 0.01  # OBS: λ = obs_damp · mean diag of the Gram (ridge toward the current weights)
     obs_block: int = 1  # OBS: channels removed per step (1: exact greedy; more: fewer, larger steps)
+    # "streamprune" (the base's attention cut) or "servable" (attention kept whole or removed, FFN
+    # widths multiples of ffn_multiple: what the nemotron-nas format stores, see .servable).
+    structure: str = "streamprune"
+    ffn_multiple: int = 256
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -170,6 +183,13 @@ class CascadeConfig:
             raise bad("obs_damp", "a positive number")
         if not is_int(self.obs_block) or self.obs_block < 1:
             raise bad("obs_block", "an int >= 1")
+        if self.structure not in ("streamprune", "servable"):
+            raise bad("structure", "'streamprune' or 'servable'")
+        if not is_int(self.ffn_multiple) or self.ffn_multiple < 1:
+            raise bad("ffn_multiple", "an int >= 1")
+        if self.structure == "servable" and (self.allocation not in ("obs", "uniform") or self.selection != "obs"):
+            raise bad("structure", "'streamprune' unless allocation is 'obs' or 'uniform' and selection is 'obs' "
+                                   "(the servable structure's costs and channels are OBS's)")
         if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
             raise bad("alloc_max_frac", "in (0, 1)")
 
@@ -199,6 +219,7 @@ class Cascade(Method):
 
     name = "cascade"
     config_version = CASCADE_CONFIG_VERSION
+    servable_options = {"structure": "servable"}
 
     def __init__(self, config: CascadeConfig, ratio: float):
         super().__init__(config, ratio)
@@ -206,14 +227,21 @@ class Cascade(Method):
         if config.base == "olica":
             self.base.attn_scale = float(config.attn_scale)
         self.measured = config.allocation != "uniform"
+        self.servable = config.structure == "servable"
         self.needs_survey = self.base.needs_survey or self.measured
         self.needs_pass_b = self.base.needs_pass_b
         self.pass_b_layer = self.base.pass_b_layer
+        if self.servable:  # the base method decides nothing: no survey or pass B of its own
+            self.needs_survey, self.needs_pass_b = self.measured, False
+        self.layers: list[ServableLayer] = []  # structure="servable": the plan, and its specs
+        self.specs: list[LayerSpec] = []
         self.needs_reconstruction = config.recon and config.recon_epochs > 0
         self.needs_dense_stream = self.needs_reconstruction and config.recon_target == "dense_stream"
         self.needs_decision_stream = self.needs_reconstruction and config.decide_on == "unreconstructed"
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
+        if self.servable:
+            return self._plan_servable(shapes, survey)
         self.base.plan(shapes, survey)
         if self.measured and survey is not None:
             self._allocate(shapes, [s["ffn_curve"] for s in survey])
@@ -226,27 +254,67 @@ class Cascade(Method):
         counts = allocate(curves, knobs.n_ffn_pruned * shapes.num_layers, self._alloc_cap(shapes.intermediate_size))
         self.base.knobs = replace(knobs, ffn_pruned_per_layer=tuple(counts))
 
+    def _plan_servable(self, shapes: ModelShapes, survey) -> None:
+        """Per-layer (attention kept?, FFN width) removing ``ratio`` of the parameters (±1 move):
+        measured (:func:`.servable.allocate`) once the survey is in, uniform before it / with
+        ``allocation=uniform``. Parameters are counted as the specs store them (a zero o_proj
+        bias beside q/k/v biases included)."""
+        if not 0.0 <= self.ratio < 1.0:
+            raise RatioError(f"--ratio must be in [0, 1), got {self.ratio}")
+        f, m = shapes.intermediate_size, self.config.ffn_multiple
+        if f % m or f < 2 * m:
+            raise RatioError(f"the servable structure needs the FFN width ({f}) to be a multiple of --option ffn_multiple={m}, "
+                             "at least two of them: pick an ffn_multiple that divides it")
+        kept = [ServableLayer(True, f)] * shapes.num_layers
+        per_channel = 3 * shapes.hidden_size
+        attn_params = self._servable_spec(shapes, ServableLayer(True, f)).num_params() - self._servable_spec(shapes, ServableLayer(False, f)).num_params()
+        baseline = shapes.total_params([self._servable_spec(shapes, s) for s in kept])  # may exceed dense by the zero o biases
+        target = round(baseline - (1 - self.ratio) * shapes.total_params())
+        if survey is None or not self.measured:
+            self.layers = uniform_plan(shapes.num_layers, f, m, per_channel, target)
+        else:
+            try:
+                self.layers = allocate_servable([s["ffn_curve"] for s in survey], [float(s["attn_cost"][0]) for s in survey], f, m,
+                                                per_channel, attn_params, target)
+            except ValueError as e:
+                raise RatioError(f"--ratio {self.ratio}: {e}; lower --ratio") from None
+        self.specs = [self._servable_spec(shapes, layer) for layer in self.layers]
+
+    def _servable_spec(self, shapes: ModelShapes, layer: ServableLayer) -> LayerSpec:
+        from dataclasses import replace
+
+        dense = shapes.dense_spec()
+        if layer.attention:  # q/k/v biases travel with an o_proj bias (zero) in the format
+            return replace(dense, intermediate_size=layer.ffn, o_bias=dense.o_bias or dense.qkv_bias)
+        return replace(dense, num_kv_heads=0, heads_per_group=0, qkv_bias=False, o_bias=False, intermediate_size=layer.ffn)
+
     def _alloc_cap(self, f: int) -> int:
         """The most FFN channels one layer may give up (``alloc_max_frac``; Olica's kept 1 % and one more stay)."""
+        if self.servable:  # servable: down to one multiple
+            return f - self.config.ffn_multiple
         # From the config, not the plan: the survey (which needs this) may come before plan().
         n_least = math.floor(self.base.config.keep_least_frac * f)  # = Olica's plan (budget.ffn_counts)
         return min(int(self.config.alloc_max_frac * f), f - n_least - 1)
 
     def planned_specs(self, shapes: ModelShapes) -> list[LayerSpec]:
+        if self.servable:
+            return list(self.specs)
         return self.base.planned_specs(shapes)
 
     def survey_observer(self, layer_idx, weights):
-        base = self.base.survey_observer(layer_idx, weights) if self.base.needs_survey else None
+        base = self.base.survey_observer(layer_idx, weights) if self.base.needs_survey and not self.servable else None
         if not self.measured:
             return base
-        obs = AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1])
+        obs = AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1], attention=self.servable)
         obs.weights = {k: weights[k] for k in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
         return obs
 
     def survey_result(self, layer_idx, observer):
         if not self.measured:
             return self.base.survey_result(layer_idx, observer)
-        out = self.base.survey_result(layer_idx, observer.base) if self.base.needs_survey else {}
+        out = self.base.survey_result(layer_idx, observer.base) if observer.base is not None else {}
+        if self.servable:
+            out["attn_cost"] = observer.attn.reshape(1).float().cpu()
         from ..channels import ffn_channel_scores
 
         w = observer.weights
@@ -262,12 +330,16 @@ class Cascade(Method):
         return {**out, "ffn_curve": curve.float().cpu()}
 
     def observer(self, layer_idx, pass_name, weights):
+        if self.servable:  # OBS's Gram alone
+            return AllocationObserver(None, weights["mlp.down_proj.weight"].shape[1]) if pass_name == "A" else None
         base = self.base.observer(layer_idx, pass_name, weights)
         if pass_name != "A" or self.config.selection != "obs":
             return base
         return AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1])  # + the weighted down_proj-input Gram
 
     def decide(self, layer_idx, weights, observer) -> Decision:
+        if self.servable:
+            return self._decide_servable(layer_idx, weights, observer)
         if self.config.selection != "obs":
             return self.base.decide(layer_idx, weights, observer)
         decision = self.base.decide(layer_idx, weights, observer.base)  # attention as the base; FFN replaced below
@@ -278,7 +350,24 @@ class Cascade(Method):
         obs.validate(layer_idx)
         return obs
 
+    def _decide_servable(self, layer_idx, weights, observer) -> Decision:
+        """Attention copied whole (or dropped), the planned FFN width chosen by OBS."""
+        down = weights["mlp.down_proj.weight"]
+        layer = self.layers[layer_idx]
+        d, f = down.shape
+        spec = self.specs[layer_idx]
+        tensors = {k: weights[k] for k in spec.tensor_shapes() if k in weights and not k.startswith("mlp.")}
+        if spec.o_bias and "self_attn.o_proj.bias" not in tensors:
+            tensors["self_attn.o_proj.bias"] = torch.zeros(d, dtype=down.dtype, device=down.device)
+        ffn, info = obs_select_ffn(weights, observer.gram, f - layer.ffn, float(self.config.obs_damp), self.config.obs_block)
+        tensors.update({k: v.to(down.dtype) for k, v in ffn.items()})
+        decision = Decision(spec, tensors, {**info, "attention": layer.attention, "ffn_kept": layer.ffn})
+        decision.validate(layer_idx)
+        return decision
+
     def refine(self, layer_idx, decision, observer) -> Decision:
+        if self.servable:
+            return decision
         return self.base.refine(layer_idx, decision, observer)
 
     def reconstruct(self, layer_idx: int, decision: Decision, data: LayerData) -> Decision:
@@ -297,7 +386,7 @@ class Cascade(Method):
         """The larger of the base's statistics/factorisation workspace and reconstruction's
         (they are never alive together): Adam on the largest planned layer (fp32 weights,
         gradients, two moments, autocast's bf16 copies: 18 B/param) + one batch's activations kept for backward."""
-        base = self.base.workspace_bytes(shapes)
+        base = 0 if self.servable else self.base.workspace_bytes(shapes)
         if "obs" in (self.config.selection, self.config.allocation):  # OBS (decision, or the survey's curve): never alive with other scratch
             base = max(base, obs_workspace_bytes(shapes))
         if not self.needs_reconstruction:
@@ -335,7 +424,8 @@ class Cascade(Method):
     def config_dict(self) -> dict:
         options = asdict(self.config)
         for key, default in (("attn_scale", 1.0), ("recon_min_gain", 0.0),
-                             ("decide_on", "reconstructed"), ("selection", "score"), ("obs_damp", 0.01), ("obs_block", 1)):
+                             ("decide_on", "reconstructed"), ("selection", "score"), ("obs_damp", 0.01), ("obs_block", 1),
+                             ("structure", "streamprune"), ("ffn_multiple", 256)):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,
