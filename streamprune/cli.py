@@ -73,12 +73,42 @@ def _add_demo(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model folder in another runtime's format (nemotron-nas folder, llama.cpp GGUF)")
+    p.add_argument("input", type=Path, help="a streamprune output folder, a nemotron-nas folder or a dense Llama-family folder")
+    p.add_argument("out", type=Path, nargs="?", default=None, help="output folder (with --format)")
+    p.add_argument("--format", default="nemotron-nas", choices=["nemotron-nas"], help="format of OUT")
+    p.add_argument("--gguf", type=Path, default=None, metavar="FILE",
+                   help="write a llama.cpp GGUF (architecture deci) to FILE; a streamprune folder goes through nemotron-nas first")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (norms, biases and 1-D tensors stay f32; k-quants: llama-quantize on the f16 file)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _export(args) -> dict:
+    if args.out is None and args.gguf is None:
+        raise StreamPruneError("export needs OUT (a folder, with --format) or --gguf FILE")
+    result = {}
+    src = args.input
+    if args.out is not None:
+        from .formats.nemotron_nas import export
+
+        result["nemotron_nas"] = export(args.input, args.out)
+        src = args.out
+    if args.gguf is not None:
+        from .formats.gguf import export_gguf
+
+        result["gguf"] = export_gguf(src, args.gguf, args.type, progress=not args.no_progress)
+    return result
+
+
     _add_prune(sub)
     _add_eval(sub)
     _add_demo(sub)
     sub.add_parser("demo-model", help="convert (once) and print the demo model folder")
     p = sub.add_parser("inspect", help="print the state of a run directory (works on a crashed run)")
     p.add_argument("work_dir", type=Path)
+    _add_export(sub)
     args = parser.parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the result
     try:
@@ -147,6 +177,8 @@ def _run(args) -> dict:
     if args.command == "demo-model":
         from .demo_model import ensure_demo_model
 
+    if args.command == "export":
+        return _export(args)
         return {"path": str(ensure_demo_model())}
     raise AssertionError(args.command)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,3 +323,25 @@ def write_gguf(folder: str | Path, out_file: str | Path, type: str = "f16", prog
     if bar is not None:
         bar.close()
     return {"path": str(out_file), "bytes": out_file.stat().st_size, "type": type, "n_tensors": len(plan)}
+
+
+def export_gguf(src: str | Path, out_file: str | Path, type: str = "f16", progress: bool = True) -> dict:
+    """``streamprune export SRC --gguf OUT_FILE``: a nemotron-nas (or dense Llama) folder is
+    written directly; a streamprune output folder goes through
+    ``streamprune.formats.nemotron_nas.export`` into a temp folder beside ``out_file`` first
+    (it needs that much free disk: the model once more at its stored precision)."""
+    src, out_file = Path(src), Path(out_file)
+    cfg = src / "config.json"
+    model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    if model_type != "streamprune":
+        return write_gguf(src, out_file, type, progress)
+    try:
+        from streamprune.formats.nemotron_nas import export as nas_export
+    except ImportError as e:
+        raise ConfigError(f"{src} is a streamprune folder and this install has no nemotron-nas export to convert it first") from e
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=f".{out_file.name}.nas-") as tmp:
+        nas = Path(tmp) / "nemotron-nas"
+        nas_export(src, nas)
+        info = write_gguf(nas, out_file, type, progress)
+    return {**info, "via": "nemotron-nas"}
