@@ -70,9 +70,6 @@ def _add_demo(sub) -> None:
     p.add_argument("--nsamples", type=int, default=None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamprune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a model folder in another runtime's format (nemotron-nas folder, llama.cpp GGUF)")
     p.add_argument("input", type=Path, help="a streamprune output folder, a nemotron-nas folder or a dense Llama-family folder")
@@ -102,13 +99,16 @@ def _export(args) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_export(sub)
     sub.add_parser("demo-model", help="convert (once) and print the demo model folder")
     p = sub.add_parser("inspect", help="print the state of a run directory (works on a crashed run)")
     p.add_argument("work_dir", type=Path)
-    _add_export(sub)
     args = parser.parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints the result
     try:
@@ -174,11 +174,11 @@ def _run(args) -> dict:
         from .inspect_run import inspect_run
 
         return inspect_run(args.work_dir)
+    if args.command == "export":
+        return _export(args)
     if args.command == "demo-model":
         from .demo_model import ensure_demo_model
 
-    if args.command == "export":
-        return _export(args)
         return {"path": str(ensure_demo_model())}
     raise AssertionError(args.command)
 
