@@ -147,13 +147,19 @@ def reference_model(config_obj, state: dict, blocks: list[tuple[int | None, int 
 
 
 # ----------------------------------------------------------------- comparison
-def _llama(path: Path, **kw):
+def _require_llama_cpp():
     if llama_cpp is None:
         pytest.fail("llama_cpp is not importable: install the runtime with `.venv/bin/pip install -e '.[llamacpp]'` (compiles llama.cpp, ~7.5 min on 2 cores)")
+    return llama_cpp
+
+
+def _llama(path: Path, **kw):
+    _require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=SEQLEN + GREEDY + 8, n_threads=2, verbose=False, **kw)
 
 
 def _f32_kv():
+    _require_llama_cpp()
     return dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
@@ -299,6 +305,7 @@ def _pruned_demo(demo_dir: Path, folder: Path, blocks):
     return folder, reference_model(config_obj, sliced, blocks)
 
 
+@pytest.mark.slow
 def test_pruned_demo_model_runs_in_llama_cpp(demo_dir, windows, tmp_path):
     folder, model = _pruned_demo(demo_dir, tmp_path / "demo-nas", _demo_blocks())
     write_gguf(folder, tmp_path / "f32.gguf", "f32", progress=False)
@@ -312,6 +319,7 @@ def test_pruned_demo_model_runs_in_llama_cpp(demo_dir, windows, tmp_path):
     assert arrays["deci.attention.head_count_kv"] == [0 if g is None else 9 // g for g, _ in blocks]
 
 
+@pytest.mark.slow
 def test_pruned_demo_model_q8_0_perplexity(demo_dir, windows, tmp_path):
     folder, model = _pruned_demo(demo_dir, tmp_path / "demo-nas", _mild_blocks())
     write_gguf(folder, tmp_path / "q8.gguf", "q8_0", progress=False)
@@ -368,3 +376,25 @@ def test_tiny_llama_with_attention_free_layers(demo_dir, windows, tmp_path):
     info = write_gguf(folder, tmp_path / "f32.gguf", "f32", progress=False)
     check_against_transformers(tmp_path / "f32.gguf", model, windows)
     assert info["n_tensors"] == 2 + 9 + 4 + 0 + 9 + 4 + 9  # embd + final norm, then per layer (zero FFN in 3)
+
+
+def test_zero_ffn_is_why_attention_only_layers_survive(demo_dir, tmp_path, monkeypatch):
+    """llama.cpp's deci graph drops the attention of a layer with n_ff == 0 (deci.cpp:
+    ``if (n_ff == 0) continue;`` skips ``inpL = cur``): written the converter's way, the
+    attention-only layer's output is lost; with the zero FFN it is kept."""
+    import streamprune.formats.gguf as G
+
+    cfg, state = _tiny("llama", 3, tie=True)
+    blocks = [(2, 512), (2, None), (4, 256)]
+    sliced = slice_state(state, _config_dict(cfg), blocks)
+    folder = write_nas_folder(tmp_path / "nas", _config_dict(cfg), sliced, blocks, demo_dir)
+    with torch.no_grad():
+        ref = reference_model(cfg, sliced, blocks)(torch.arange(1000, 1064)[None]).logits[0].numpy()
+    errs = {}
+    for mode in ("zero_ffn", "n_ff=0"):
+        if mode == "n_ff=0":
+            orig = G.deci_blocks
+            monkeypatch.setattr(G, "deci_blocks", lambda c: [G.DeciBlock(b.n_head, b.n_head_kv, 0) if b.zero_ffn else b for b in orig(c)])
+        write_gguf(folder, tmp_path / f"{mode}.gguf", "f32", progress=False)
+        errs[mode] = rel_err(llama_logits(_llama(tmp_path / f"{mode}.gguf", **_f32_kv()), list(range(1000, 1064))), ref)
+    assert errs["zero_ffn"] <= 1e-4 and errs["n_ff=0"] > 0.05, errs
