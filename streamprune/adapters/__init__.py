@@ -10,8 +10,9 @@ from pathlib import Path
 from ..checkpoint import CheckpointReader, file_sha256
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from .llama import LAYER_CLASSES, SUPPORTED, LlamaFamilyAdapter
+from .nemotron_nas import NemotronNasAdapter
 
-ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter}
+ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter, "nemotron-nas": NemotronNasAdapter}
 
 
 def open_model(folder: str | Path) -> LlamaFamilyAdapter:
@@ -20,7 +21,7 @@ def open_model(folder: str | Path) -> LlamaFamilyAdapter:
     model_type = reader.config_dict["model_type"]
     if model_type not in ADAPTERS:
         raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED)}"
+            f"model_type {model_type!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED + ['nemotron-nas'])}"
         )
     return ADAPTERS[model_type](reader)
 

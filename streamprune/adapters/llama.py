@@ -120,7 +120,7 @@ class LlamaFamilyAdapter:
             if part.isdigit():
                 present.add(int(part))
         n = self.config.num_hidden_layers
-        if present != set(range(n)):
+        if present != self.layers_with_tensors():
             have = f"layers 0-{max(present)} ({len(present)} layers)" if present and present == set(range(len(present))) else f"{len(present)} layers {sorted(present)[:6]}"
             raise CheckpointError(f"{folder}/config.json says num_hidden_layers={n} but the checkpoint has tensors for {have}: fix num_hidden_layers or re-download")
         shapes = {n[len(self.layer_prefix(0)):]: self.reader.shape(n) for n in self.reader.names_with_prefix(self.layer_prefix(0))}
@@ -141,6 +141,10 @@ class LlamaFamilyAdapter:
                     f"{name} has shape {self.reader.shape(name)} but {folder}/config.json (vocab_size {v}, hidden_size {d}) "
                     f"implies {want}: fix vocab_size / hidden_size in config.json"
                 )
+
+    def layers_with_tensors(self) -> set[int]:
+        """Indices of the layers the checkpoint must hold tensors for (every layer here)."""
+        return set(range(self.config.num_hidden_layers))
 
     # ---- shapes -----------------------------------------------------------------------
     def shapes(self) -> ModelShapes:

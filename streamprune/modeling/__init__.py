@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .configuration_decilm import DeciLMConfig
 from .configuration_streamprune import StreamPruneConfig, layer_spec_dict
+from .modeling_decilm import DeciLMForCausalLM, DeciLMModel
 from .modeling_streamprune import (
     BiasOnly,
     LowRankLinear,
@@ -30,22 +32,38 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_streamprune.StreamPruneForCausalLM",
 }
 
+# The nemotron-nas (DeciLM) folder's remote-code files (streamprune/formats/nemotron_nas.py).
+DECILM_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_decilm.py", "cache_compat_streamprune.py", "modeling_decilm.py"))
+DECILM_AUTO_MAP = {
+    "AutoConfig": "configuration_decilm.DeciLMConfig",
+    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+}
+
 
 def register() -> None:
-    """Register model_type "streamprune" with AutoConfig / AutoModel / AutoModelForCausalLM.
+    """Register model_types "streamprune" and "nemotron-nas" with AutoConfig / AutoModel /
+    AutoModelForCausalLM.
 
     Idempotent. Afterwards ``AutoModelForCausalLM.from_pretrained(dir)`` loads an output
-    folder in-process without ``trust_remote_code``.
+    folder (either format) in-process without ``trust_remote_code``.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     AutoConfig.register(StreamPruneConfig.model_type, StreamPruneConfig, exist_ok=True)
     AutoModel.register(StreamPruneConfig, StreamPruneModel, exist_ok=True)
     AutoModelForCausalLM.register(StreamPruneConfig, StreamPruneForCausalLM, exist_ok=True)
+    AutoConfig.register(DeciLMConfig.model_type, DeciLMConfig, exist_ok=True)
+    AutoModel.register(DeciLMConfig, DeciLMModel, exist_ok=True)
+    AutoModelForCausalLM.register(DeciLMConfig, DeciLMForCausalLM, exist_ok=True)
 
 
 __all__ = [
     "AUTO_MAP",
+    "DECILM_AUTO_MAP",
+    "DECILM_FILES",
+    "DeciLMConfig",
+    "DeciLMForCausalLM",
+    "DeciLMModel",
     "MODELING_FILES",
     "BiasOnly",
     "LowRankLinear",
