@@ -373,3 +373,45 @@ def test_demo_model_exports_with_its_perplexity(tmp_path):
     kw = dict(dataset="wikitext2", seqlen=128, max_windows=4, progress=False)
     a, b = perplexity(EvalConfig(model=demo, **kw)), perplexity(EvalConfig(model=out, **kw))
     assert abs(a["nll"] - b["nll"]) <= 1e-6 * a["nll"]
+
+
+# --------------------------------------------------------------------- llama.cpp (GGUF)
+def test_llama_cpp_runs_the_export_like_transformers(tmp_path):
+    """streamprune folder -> nemotron-nas -> GGUF (``export --gguf``) -> llama.cpp: the same
+    logits as the streamprune model, with a layer without attention, an attention-only layer
+    (written with its zero FFN), an identity layer in the middle and one last."""
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama_cpp is not importable: install the runtime with `.venv/bin/pip install -e '.[llamacpp]'`")
+    from streamprune.demo_model import ensure_demo_model
+    from streamprune.formats.gguf import export_gguf
+
+    demo = ensure_demo_model(progress=False)  # its tokenizer: one llama.cpp knows
+    specs = _specs() + [_spec(0, 0, 0)]
+    src = tiny_config("llama", layers=len(specs), hidden=D, heads=H, kv_heads=G, inter=128, tie=True)
+    src.vocab_size = 49152
+    model = StreamPruneForCausalLM(StreamPruneConfig.from_source(src, specs)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 1 / math.sqrt(p.shape[1]))
+            elif name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "sp")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sp" / name).write_bytes((demo / name).read_bytes())
+    info = export_gguf(tmp_path / "sp", tmp_path / "m.gguf", "f32", progress=False)
+    assert info["via"] == "nemotron-nas"
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), logits_all=True, n_ctx=128, n_threads=2, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    ids = AutoTokenizer.from_pretrained(demo).encode("The history of London is long: the city grew along the Thames for centuries.")
+    llm.reset()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
