@@ -45,6 +45,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard a previous run in the work dir and start over")
     p.add_argument("--keep-work", action="store_true", help="keep activation files after success")
     p.add_argument("--dry-run", action="store_true", help="plan and forecast only")
+    p.add_argument("--format", default="streamprune", choices=["streamprune", "nemotron-nas"],
+                   help="output format: streamprune (default; every structure, loaded by transformers with our modeling file) or "
+                        "nemotron-nas (DeciLM: vLLM, SGLang, TensorRT-LLM, MLX-lm, GGUF export; the servable structure)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,6 +71,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--full", action="store_true", help="evaluate on the whole WikiText-2 test set")
     p.add_argument("--out", type=Path, default=None, help="default: a folder in the streamprune cache")
     p.add_argument("--nsamples", type=int, default=None)
+    p.add_argument("--format", default="streamprune", choices=["streamprune", "nemotron-nas"],
+                   help="output format (nemotron-nas: the servable structure, and a llama.cpp GGUF sample where llama.cpp is installed)")
 
 
 def _add_export(sub) -> None:
@@ -155,7 +160,7 @@ def _run(args) -> dict:
                 calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, device=args.device,
                 dtype=args.dtype, chunk_tokens=args.chunk_tokens, work_dir=args.work_dir, fresh=args.fresh,
                 keep_work=args.keep_work, dry_run=args.dry_run, max_gpu_memory=args.max_gpu_memory,
-                progress=not args.no_progress, tokenizer=args.tokenizer,
+                progress=not args.no_progress, tokenizer=args.tokenizer, format=args.format,
             )
             return prune(cfg)
     if args.command == "eval":
@@ -169,7 +174,7 @@ def _run(args) -> dict:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(method=args.method, ratio=args.ratio, full=args.full, out=args.out, nsamples=args.nsamples)
+        return run_demo(method=args.method, ratio=args.ratio, full=args.full, out=args.out, nsamples=args.nsamples, fmt=args.format)
     if args.command == "inspect":
         from .inspect_run import inspect_run
 

@@ -3,7 +3,10 @@
 Converts (once) the demo model, prunes it at ``ratio`` with the best available method,
 evaluates dense and pruned WikiText-2 perplexity (128-token windows; a fixed subset of
 the first ``DEMO_WINDOWS`` windows unless ``full``), prints a small table, and ends with
-one short greedy sample from the dense and from the pruned model on the same prompt.
+one short greedy sample from the dense and from the pruned model on the same prompt — and,
+where llama.cpp is installed (the ``llamacpp`` extra) and the structure is servable
+(``fmt="nemotron-nas"``), the size of the pruned model's q8_0 GGUF and llama.cpp's own greedy
+sample of it.
 """
 
 from __future__ import annotations
@@ -54,18 +57,44 @@ def greedy_sample(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int
 def _is_pruned(folder: Path) -> bool:
     import json
 
-    return json.loads((folder / "config.json").read_text()).get("model_type") == "streamprune"
+    return json.loads((folder / "config.json").read_text()).get("model_type") in ("streamprune", "nemotron-nas")
 
 
-def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, out: Path | None = None, nsamples: int | None = None) -> dict:
+GGUF_TYPE = "q8_0"
+
+
+def llama_cpp_sample(folder: Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = SAMPLE_TOKENS) -> dict | str:
+    """The q8_0 GGUF of ``folder`` (beside it) and llama.cpp's greedy continuation of ``prompt``;
+    or a one-line reason why not (llama.cpp not installed, a structure GGUF cannot store)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return 'llama.cpp is not installed (pip install -e ".[llamacpp]", a ~7 min compile)'
+    from .errors import StreamPruneError
+    from .formats.gguf import export_gguf
+
+    file = folder.with_name(folder.name + f".{GGUF_TYPE}.gguf")
+    try:
+        info = export_gguf(folder, file, GGUF_TYPE, progress=False)
+    except StreamPruneError as e:
+        return f"no GGUF: {e}"
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(file), n_ctx=256, n_threads=2, verbose=False, seed=0)
+    text = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, top_k=1)["choices"][0]["text"]
+    return {"gguf": str(file), "gguf_bytes": info["bytes"], "gguf_type": GGUF_TYPE, "sample": " ".join(text.split())}
+
+
+def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, out: Path | None = None, nsamples: int | None = None,
+             fmt: str = "streamprune") -> dict:
     t0 = time.perf_counter()
     method = method or best_method()
     model = ensure_demo_model()
     own_out = out is None  # the demo's own cache folder may be replaced; a user's --out never is
-    out = out or default_cache_dir() / "demo-out" / f"smollm2-{method}-{int(round(ratio * 100))}"
+    suffix = "" if fmt == "streamprune" else f"-{fmt}"
+    out = out or default_cache_dir() / "demo-out" / f"smollm2-{method}-{int(round(ratio * 100))}{suffix}"
     windows = None if full else DEMO_WINDOWS
     dense = perplexity(EvalConfig(model=model, dataset="wikitext2", seqlen=128, max_windows=windows))
-    cfg = PruneConfig(source=model, out=out, method=method, ratio=ratio, calib="c4", nsamples=nsamples or DEMO_NSAMPLES, seqlen=128)
+    cfg = PruneConfig(source=model, out=out, method=method, ratio=ratio, calib="c4", nsamples=nsamples or DEMO_NSAMPLES, seqlen=128,
+                      format=fmt)
     try:
         report = prune(cfg)
     except OutputError:
@@ -91,6 +120,12 @@ def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, 
     print(f"\ngreedy sample, {SAMPLE_TOKENS} tokens, prompt {SAMPLE_PROMPT!r}:", file=sys.stderr)
     for name, text in samples.items():
         print(f"  {name:<6}  ...{text}", file=sys.stderr)
+    gguf = llama_cpp_sample(Path(out))
+    if isinstance(gguf, dict):
+        print(f"  llama.cpp ({gguf['gguf_type']} GGUF, {gguf['gguf_bytes'] / 2**20:.1f} MiB)  ...{gguf['sample']}", file=sys.stderr)
+    else:
+        print(f"  llama.cpp: {gguf}" + ("" if fmt == "nemotron-nas" else "; `streamprune demo --format nemotron-nas` prunes "
+                                         "in the servable structure llama.cpp runs"), file=sys.stderr)
     return {
         "method": method,
         "ratio": ratio,
@@ -105,6 +140,8 @@ def run_demo(method: str | None = None, ratio: float = 0.2, full: bool = False, 
         "sample_prompt": SAMPLE_PROMPT,
         "sample_dense": samples["dense"],
         "sample_pruned": samples["pruned"],
+        "llama_cpp": gguf,
+        "format": fmt,
         "total_wall_s": round(time.perf_counter() - t0, 1),
         "out": str(out),
     }

@@ -39,8 +39,20 @@ def test_demo_replaces_its_own_stale_output(fake, tmp_path, capsys):
     # ends with a greedy sample of the dense and of the pruned model, on the same prompt
     assert result["sample_dense"] == "text of model" and result["sample_pruned"] == "text of smollm2-olica-20"
     err = capsys.readouterr().err.splitlines()
-    assert demo.SAMPLE_PROMPT in err[-3] and err[-2].split() == ["dense", "...text", "of", "model"]
-    assert err[-1].split()[0] == "pruned"
+    assert demo.SAMPLE_PROMPT in err[-4] and err[-3].split() == ["dense", "...text", "of", "model"]
+    assert err[-2].split()[0] == "pruned"
+    assert err[-1].startswith("  llama.cpp") and result["llama_cpp"] in err[-1]  # no GGUF of a streamprune-structure model
+    assert "--format nemotron-nas" in err[-1]
+
+
+def test_demo_ends_with_llama_cpp_on_the_servable_structure(fake, tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(demo, "llama_cpp_sample", lambda folder: seen.append(folder) or
+                        {"gguf": "f.gguf", "gguf_bytes": 3 * 2**20, "gguf_type": "q8_0", "sample": "llama text"})
+    result = demo.run_demo(method="cascade", fmt="nemotron-nas")
+    assert all(c.format == "nemotron-nas" for c in fake) and seen == [tmp_path / "cache" / "demo-out" / "smollm2-cascade-20-nemotron-nas"]
+    assert result["llama_cpp"]["sample"] == "llama text"
+    assert capsys.readouterr().err.splitlines()[-1].split() == ["llama.cpp", "(q8_0", "GGUF,", "3.0", "MiB)", "...llama", "text"]
 
 
 def test_demo_never_deletes_a_user_out(fake, tmp_path):
