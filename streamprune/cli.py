@@ -151,7 +151,7 @@ def _run(args) -> dict:
 
         with ExitStack() as lock:
             if not args.dry_run and os.environ.get("RANK", "0") == "0":
-                lock.enter_context(held(run_dir_for(args.out, args.work_dir), args.out))
+                lock.enter_context(held(run_dir_for(args.out, args.work_dir), args.out, share=True))
             from .config import PruneConfig
             from .engine import prune
 

@@ -8,14 +8,18 @@ write / commit, then finalize and publish. See ``../shared/spec/ARCHITECTURE.md`
 from __future__ import annotations
 
 import errno
+import json
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__, atomic, runlock, writer
+from .activation_streams import ActivationStreams
 from .activations import ActivationCache
 from .adapters import load_tokenizer, open_model, tokenizer_digest
 from .checkpoint import file_sha256
@@ -27,11 +31,11 @@ from .faults import crash_point
 from .interrupts import graceful_stop
 from .journal import RunDir, digest
 from .methods import build_method
-from .methods.base import LayerData
+from .methods.base import Decision, LayerData, Method
 from .prefetch import Prefetcher, stage_on_host, to_device
 from .spec import LayerSpec
 from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
-from .stream import embed_to_boundary, observe, position_embeddings, propagate
+from .stream import embed_to_boundary, position_embeddings, propagate
 from .textdata import calibration_windows, resolve_text_source
 
 
@@ -65,6 +69,21 @@ def plan(cfg: PruneConfig):
         method = servable_method(cfg, method)
     method.plan(shapes, survey=None)
     return adapter, shapes, method, method.planned_specs(shapes)
+
+
+def convert_staged(run: RunDir, fmt: str) -> Path:
+    """The staged output (streamprune format) converted to ``fmt`` in a folder of its own
+    (``streamprune.formats.nemotron_nas.export``, one layer at a time; a conversion cut
+    short by a crash is redone whole), with the run's report; returns that folder."""
+    from .formats import nemotron_nas
+
+    target = run.root / fmt
+    shutil.rmtree(target, ignore_errors=True)
+    info = nemotron_nas.export(run.staging, target)
+    report = json.loads((run.staging / writer.REPORT_FILE).read_text())
+    report["format"] = {"name": fmt, "params_stored": info["params"], "files": info["files"]}
+    atomic.write_json(target / writer.REPORT_FILE, report)
+    return target
 
 
 def servable_method(cfg: PruneConfig, method):
@@ -127,15 +146,6 @@ def disk_errors(where: str, run: RunDir):
         raise
 
 
-def check_finite(layer: int, decision) -> None:
-    for name, t in decision.tensors.items():
-        if not torch.isfinite(t).all():
-            raise NumericalError(
-                f"layer {layer}: NaN/Inf in the pruned {name.rsplit('.', 1)[0]} ({name}); the statistics "
-                "overflowed or are degenerate: use --dtype float32 and/or more --nsamples"
-            )
-
-
 def prune(cfg: PruneConfig) -> dict:
     """Prune ``cfg.source`` into ``cfg.out``; returns the report (also written to the output).
 
@@ -156,6 +166,133 @@ def _open_run(run: RunDir, fp: dict, fresh: bool, job: dict) -> list[dict]:
     records = run.open(fp, fresh=fresh, job=job)
     run.verify(records)
     return records
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What every step of every layer reads: fixed for the run."""
+
+    adapter: object
+    method: Method
+    streams: ActivationStreams
+    run: RunDir
+    ranks: Ranks
+    pe: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    storage_dtype: torch.dtype  # the source checkpoint's, for the output tensors
+    rows: int  # the whole job's calibration rows (all ranks)
+
+    def pruned_layer(self, i: int, decision: Decision):
+        return self.adapter.build_pruned_layer(i, decision.spec, decision.tensors, self.device, self.dtype)
+
+
+@torch.no_grad()
+def prune_layer(ctx: LayerContext, i: int, ahead: Prefetcher, prof: LayerProfile) -> tuple[LayerSpec, int, int]:
+    """Layer ``i``, step by step (``ARCHITECTURE.md``, "The loop"). Returns its spec, the bytes of
+    its source tensors and the bytes written; what it holds (layers, tensors) is freed on return."""
+    weights, dense = read_weights(ctx, i, ahead, prof)
+    decision = observe_and_decide(ctx, i, weights, dense, prof)  # pass A
+    if ctx.method.needs_pass_b:
+        decision = refine(ctx, i, decision, dense, prof)  # pass B
+    extend_side_streams(ctx, i, decision, dense, prof)
+    if ctx.method.needs_reconstruction:
+        decision = reconstruct(ctx, i, decision, dense, prof)
+    check_decision(ctx, i, decision, prof)
+    propagate_pruned(ctx, i, decision, prof)  # pass C
+    out_bytes = write_and_commit(ctx, i, decision, prof)
+    return decision.spec, nbytes(weights), out_bytes
+
+
+def read_weights(ctx: LayerContext, i: int, ahead: Prefetcher, prof: LayerProfile):
+    """Layer ``i``'s source tensors on the device and the dense layer built from them."""
+    with prof.phase("read"):  # waiting for the prefetch thread + host-to-device copy
+        weights = to_device(next(ahead), ctx.device, ctx.dtype)
+        return weights, ctx.adapter.build_layer(i, weights, ctx.device, ctx.dtype)
+
+
+def observe_and_decide(ctx: LayerContext, i: int, weights: dict, dense, prof: LayerProfile) -> Decision:
+    """Pass A: the dense layer over the observed stream feeding the method's observer (summed over
+    the ranks), then the method's decision."""
+    with prof.phase("forward"):
+        obs = ctx.method.observer(i, "A", weights)
+        ctx.streams.observe(dense, i, ctx.pe, obs, ctx.device, pass_a=True)
+        crash_point(f"observe:{i}")
+    with prof.phase("sync"):  # sums over all ranks' shards (no-op in one process)
+        ctx.ranks.reduce_observer(obs)
+    with prof.phase("decide"):
+        return ctx.method.decide(i, weights, obs)
+
+
+def refine(ctx: LayerContext, i: int, decision: Decision, dense, prof: LayerProfile) -> Decision:
+    """Pass B: the layer the method names (``pass_b_layer``) over the observed stream again, for
+    post-decision statistics, then the method's refinement of its decision."""
+    with prof.phase("forward"):
+        obs = ctx.method.observer(i, "B", decision.tensors)
+        if obs is not None:
+            staged = dense if ctx.method.pass_b_layer == "dense" else ctx.pruned_layer(i, decision)
+            ctx.streams.observe(staged, i, ctx.pe, obs, ctx.device)
+    with prof.phase("sync"):
+        ctx.ranks.reduce_observer(obs)
+    with prof.phase("decide"):
+        return ctx.method.refine(i, decision, obs)
+
+
+def extend_side_streams(ctx: LayerContext, i: int, decision: Decision, dense, prof: LayerProfile) -> None:
+    """Boundary ``i + 1`` of the dense and decision streams, where the method asked for them."""
+    streams, pe, device = ctx.streams, ctx.pe, ctx.device
+    if streams.dense is not None:
+        with prof.phase("forward"), disk_errors(f"layer {i}'s dense-stream activations", ctx.run):
+            streams.propagate(dense, i, pe, device, "dense")
+    if streams.decision is not None:  # the decision as taken, before reconstruction changes its values
+        with prof.phase("forward"), disk_errors(f"layer {i}'s decision-stream activations", ctx.run):
+            streams.propagate(ctx.pruned_layer(i, decision), i, pe, device, "decision")
+
+
+def reconstruct(ctx: LayerContext, i: int, decision: Decision, dense, prof: LayerProfile) -> Decision:
+    """The method fits the pruned layer's kept weights on the pruned stream (values only, never the spec)."""
+    device = ctx.device
+    with prof.phase("reconstruct"):
+        data = LayerData(dense=dense, chunks=ctx.streams.reconstruction_chunks(i, device), pe=ctx.pe, rows=ctx.rows,
+                         ranks=ctx.ranks, row_offset=ctx.ranks.shard(ctx.rows).start,
+                         build=lambda spec, t, dt: ctx.adapter.build_pruned_layer(i, spec, t, device, dt))
+        decision = ctx.method.reconstruct(i, decision, data)
+        crash_point(f"reconstructed:{i}")
+    return decision
+
+
+def check_decision(ctx: LayerContext, i: int, decision: Decision, prof: LayerProfile) -> None:
+    """Shapes match the spec, values are finite, and every rank took the same decision."""
+    decision.validate(i)
+    for name, t in decision.tensors.items():
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"layer {i}: NaN/Inf in the pruned {name.rsplit('.', 1)[0]} ({name}); the statistics "
+                                 "overflowed or are degenerate: use --dtype float32 and/or more --nsamples")
+    with prof.phase("sync"):  # every rank decided alone from the same sums: check they agree
+        ctx.ranks.agree_decision(i, decision)
+
+
+def propagate_pruned(ctx: LayerContext, i: int, decision: Decision, prof: LayerProfile) -> None:
+    """Pass C: boundary ``i + 1`` of the pruned stream, the next layer's input."""
+    with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", ctx.run):
+        ctx.streams.propagate(ctx.pruned_layer(i, decision), i, ctx.pe, ctx.device)
+
+
+def write_and_commit(ctx: LayerContext, i: int, decision: Decision, prof: LayerProfile) -> int:
+    """Rank 0 writes layer ``i``'s tensors, then its journal record (the commit); then every rank
+    drops boundary ``i`` of its streams. Returns the bytes written (0 on the other ranks)."""
+    run, ranks = ctx.run, ctx.ranks
+    with prof.phase("write"), disk_errors(f"layer {i}", run):
+        out_bytes = 0
+        ranks.barrier()  # every rank's boundary i+1 is durable before layer i is committed
+        if ranks.is_main:
+            fname, out_bytes = writer.save_layer(run.staging, i, decision.tensors, ctx.storage_dtype)
+            crash_point(f"written:{i}")
+            run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
+        crash_point(f"committed:{i}")
+        ranks.barrier()  # the commit is durable before any rank drops its boundary i
+        ctx.streams.drop(i)
+    return out_bytes
 
 
 @torch.no_grad()
@@ -190,18 +327,18 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     records = ranks.on_main(lambda: _open_run(run, fp, cfg.fresh, job))  # rank 0 alone writes the run dir
     records = records if ranks.is_main else run.records()
     committed = run.committed_layers(records)
-    cache = ActivationCache(ranks.acts_dir(run.acts))
+    acts = ranks.acts_dir(run.acts)  # this rank's activation streams
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     storage_dtype = next(iter(adapter.read_layer(0).values())).dtype
+    calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 
     # ---- survey pass (journaled: a resume never repeats it) --------------------------
     if method.needs_survey:
         survey = run.load_survey(records, shapes.num_layers)
         if survey is None:
-            tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
-            survey_cache = ActivationCache(cache.root / "survey")
+            tokens, survey_cache = calib_tokens(), ActivationCache(acts / "survey")
             with disk_errors("the survey activations", run):
                 try:
                     embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
@@ -215,101 +352,30 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
     start = max(committed) + 1 if committed else 0
-    # The dense model's own stream, next to the pruned one, for methods that fit to it.
-    dense_cache = ActivationCache(cache.root / "dense") if method.needs_dense_stream else None
-    # The pruned model before reconstruction, for methods that decide on it (passes A and B).
-    decision_cache = ActivationCache(cache.root / "decision") if method.needs_decision_stream else None
-    streams = [c for c in (dense_cache, decision_cache, cache) if c is not None]  # the pruned stream last: its marker says "all"
-    seen = decision_cache or cache  # what passes A and B observe
-    if start == 0 and not cache.is_complete(0):
-        tokens = calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]
+    streams = ActivationStreams.for_method(acts, method)  # the pruned stream + those the method asked for
+    if streams.needs_embedding(start):
+        tokens = calib_tokens()
         with disk_errors("the calibration activations", run):
-            for c in streams:
-                embed_to_boundary(c, tokens, embed, chunk_rows, dtype)
-    for c in streams:
-        if not ranks.all_true(start == shapes.num_layers or c.is_complete(start)):
-            raise StreamPruneError(f"activation boundary {start} is missing from {c.root}; rerun with --fresh")
+            streams.embed(tokens, embed, chunk_rows, dtype)
+    streams.check_resumable(start, shapes.num_layers, ranks)
     out_specs = [None] * shapes.num_layers
     for i, rec in committed.items():
         out_specs[i] = LayerSpec.from_dict(rec["spec"])
 
-    # ---- the layer loop ---------------------------------------------------------------
+    # ---- the layer loop: read, pass A + decide, pass B + refine, side streams, reconstruct, pass C, commit
+    ctx = LayerContext(adapter, method, streams, run, ranks, pe, device, dtype, storage_dtype, rows=cfg.nsamples)
     startup_s = time.perf_counter() - t_start  # for a resume: time to get back to work
     done_s: list[float] = []
     bar = tqdm(range(start, shapes.num_layers), desc="prune", initial=start, total=shapes.num_layers, disable=not cfg.progress)
     with read_ahead(adapter, start, device, dtype) as ahead:
         for i in bar:
             prof = LayerProfile(i, device)
-            read0, write0 = cache.bytes_read, cache.bytes_written
-            with prof.phase("read"):  # waiting for the prefetch thread + host-to-device copy
-                weights = to_device(next(ahead), device, dtype)
-                dense = adapter.build_layer(i, weights, device, dtype)
-                weight_bytes = nbytes(weights)
-            # Reconstruction's default target is the dense layer on the pruned stream — what pass A
-            # computes when it observes that stream: keep its outputs rather than run the layer twice.
-            targets = [] if method.needs_reconstruction and dense_cache is None and seen is cache else None
-            with prof.phase("forward"):
-                obs = method.observer(i, "A", weights)
-                observe(dense, seen, i, pe, obs, device, keep=targets)
-                crash_point(f"observe:{i}")
-            with prof.phase("sync"):  # sums over all ranks' shards (no-op in one process)
-                ranks.reduce_observer(obs)
-            with prof.phase("decide"):
-                decision = method.decide(i, weights, obs)
-            if method.needs_pass_b:
-                with prof.phase("forward"):
-                    obs_b = method.observer(i, "B", decision.tensors)
-                    if obs_b is not None:
-                        staged = dense if method.pass_b_layer == "dense" else adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
-                        observe(staged, seen, i, pe, obs_b, device)
-                with prof.phase("sync"):
-                    ranks.reduce_observer(obs_b)
-                with prof.phase("decide"):
-                    decision = method.refine(i, decision, obs_b)
-            if dense_cache is not None:
-                with prof.phase("forward"), disk_errors(f"layer {i}'s dense-stream activations", run):
-                    propagate(dense, dense_cache, i, pe, device)
-            if decision_cache is not None:  # the decision as taken, before reconstruction changes its values
-                with prof.phase("forward"), disk_errors(f"layer {i}'s decision-stream activations", run):
-                    propagate(adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype), decision_cache, i, pe, device)
-            if method.needs_reconstruction:
-                with prof.phase("reconstruct"):
-                    if targets:  # (pruned-stream input, the dense layer's output on it from pass A) pairs
-                        chunks = lambda: zip(cache.read(i, device), (t.to(device) for t in targets))  # noqa: E731
-                    elif dense_cache is None:  # the method runs the dense layer on the input itself
-                        chunks = lambda: cache.read(i, device)  # noqa: E731
-                    else:  # (pruned-stream input, dense-stream output) pairs, chunk by chunk
-                        chunks = lambda: zip(cache.read(i, device), dense_cache.read(i + 1, device))  # noqa: E731
-                    data = LayerData(dense=dense, chunks=chunks, pe=pe, rows=cfg.nsamples, ranks=ranks,
-                                     row_offset=ranks.shard(cfg.nsamples).start,
-                                     build=lambda spec, t, dt: adapter.build_pruned_layer(i, spec, t, device, dt))
-                    decision = method.reconstruct(i, decision, data)
-                    crash_point(f"reconstructed:{i}")
-            decision.validate(i)
-            check_finite(i, decision)
-            with prof.phase("sync"):  # every rank decided alone from the same sums: check they agree
-                ranks.agree_decision(i, decision)
-            with prof.phase("forward"), disk_errors(f"layer {i}'s output activations", run):
-                pruned = adapter.build_pruned_layer(i, decision.spec, decision.tensors, device, dtype)
-                propagate(pruned, cache, i, pe, device)
-            with prof.phase("write"), disk_errors(f"layer {i}", run):
-                out_bytes = 0
-                ranks.barrier()  # every rank's boundary i+1 is durable before layer i is committed
-                if ranks.is_main:
-                    fname, out_bytes = writer.save_layer(run.staging, i, decision.tensors, storage_dtype)
-                    crash_point(f"written:{i}")
-                    run.append({"event": "layer", "layer": i, "file": fname, "sha256": file_sha256(run.staging / fname), "spec": decision.spec.to_dict(), "info": decision.info})
-                crash_point(f"committed:{i}")
-                ranks.barrier()  # the commit is durable before any rank drops its boundary i
-                cache.drop(i)
-                for c in (dense_cache, decision_cache):
-                    if c is not None:
-                        c.drop(i)
-            out_specs[i] = decision.spec
-            del weights, dense, pruned, decision, targets
+            read0, write0 = streams.pruned.bytes_read, streams.pruned.bytes_written
+            out_specs[i], weight_bytes, out_bytes = prune_layer(ctx, i, ahead, prof)
             done_s.append(time.perf_counter() - prof.start)
             eta = sorted(done_s)[len(done_s) // 2] * (shapes.num_layers - i - 1)
-            rec = prof.record(bytes_read=weight_bytes + cache.bytes_read - read0, bytes_written=cache.bytes_written - write0 + out_bytes, eta_s=round(eta, 1))
+            rec = prof.record(bytes_read=weight_bytes + streams.pruned.bytes_read - read0,
+                              bytes_written=streams.pruned.bytes_written - write0 + out_bytes, eta_s=round(eta, 1))
             if ranks.is_main:
                 append_line(run.profile_path, rec)
             bar.set_postfix(rss=f"{rec['rss_bytes'] / GiB:.2f}GiB", gpu=f"{rec.get('gpu_peak_allocated_bytes', 0) / GiB:.2f}GiB")
@@ -348,8 +414,12 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
         with disk_errors("the output folder", run):
             atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
         crash_point("finalize")
-        writer.publish(run.staging, cfg.out)
+        with disk_errors("the output folder", run):
+            staged = run.staging if cfg.format == "streamprune" else convert_staged(run, cfg.format)
+            writer.publish(staged, cfg.out)
+            if staged != run.staging:  # the streamprune-format copy it was converted from
+                shutil.rmtree(run.staging, ignore_errors=True)
     if not cfg.keep_work:
-        cache.clear()
+        streams.clear()
     ranks.finished(run.acts, keep=cfg.keep_work)
     return {**report, **timing, "out": str(cfg.out)}

@@ -142,20 +142,23 @@ def _targets(run_dir: str | Path, out: str | Path) -> list[tuple[Path, str]]:
     return [(out_lock_path(Path(out)), f"output folder {str(out)!r}"), (run_lock_path(Path(run_dir)), f"work dir {str(run_dir)!r}")]
 
 
-_HELD: set[Path] = set()  # lock files this process holds: a nested ``held`` on them is a no-op
+_HELD: set[Path] = set()  # lock files held with ``share=True``: a nested ``held`` on them is a no-op
 
 
 @contextmanager
-def held(run_dir: str | Path, out: str | Path):
+def held(run_dir: str | Path, out: str | Path, share: bool = False):
     """Hold the output folder's lock, then the run directory's, for the block.
 
-    Re-entrant within a process: the CLI takes both locks before it imports torch and
-    the engine's own ``held`` (the Python API's guard) then finds them already held."""
+    ``share=True`` (the CLI, which takes both locks before it imports torch) lets a nested
+    ``held`` on the same files in this process (the engine's own, the Python API's guard)
+    pass without taking them again; without it a nested ``held`` is refused like any other."""
     locks: list[_Lock] = []
     try:
         for path, what in _targets(run_dir, out):
-            if path.absolute() not in _HELD:
-                locks.append(_Lock(path, what))
+            if path.absolute() in _HELD:
+                continue
+            locks.append(_Lock(path, what))
+            if share:
                 _HELD.add(path.absolute())
         yield
     finally:

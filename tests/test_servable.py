@@ -121,3 +121,31 @@ def test_servable_kill_inside_reconstruction_resumes_byte_identical(tiny_llama, 
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "streamprune_report.json").read_text())["run"]["resumed_from_layer"] == 1
     assert digests(out) == digests(tmp_path / "ref")
+
+
+def test_prune_format_nemotron_nas_end_to_end(tmp_path):
+    """``--format nemotron-nas``: the same decisions as the servable structure in the streamprune
+    format, published as a nemotron-nas folder (same logits); kill -9 at finalize, then the
+    resumed run publishes the same bytes."""
+    from streamprune import load_pruned
+    from tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "src", "llama", layers=4, inter=768)
+    job = ["--method", "cascade", "--ratio", "0.25", "--option", "recon_precision=float32", *ARGS]
+    nas, ref = tmp_path / "nas", tmp_path / "ref"
+    assert run_cli("prune", src, "--out", nas, "--format", "nemotron-nas", *job, crash_at="finalize").returncode == -signal.SIGKILL
+    r = run_cli("prune", src, "--out", nas, "--format", "nemotron-nas", *job)
+    assert r.returncode == 0, r.stderr
+    fresh = run_cli("prune", src, "--out", tmp_path / "nas2", "--format", "nemotron-nas", *job)
+    assert fresh.returncode == 0 and digests(nas) == digests(tmp_path / "nas2")
+    assert run_cli("prune", src, "--out", ref, *job, "--option", "structure=servable").returncode == 0
+    config = json.loads((nas / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and len(config["block_configs"]) == 4
+    report = json.loads((nas / "streamprune_report.json").read_text())
+    assert report["format"]["name"] == "nemotron-nas" and abs(report["achieved_ratio"] - 0.25) < 0.1
+    assert not (tmp_path / "nas.work" / "staging").exists()  # the streamprune-format copy is gone
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = load_pruned(nas, torch_dtype=torch.float32).eval()(ids).logits
+        b = load_pruned(ref, torch_dtype=torch.float32).eval()(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
