@@ -8,9 +8,12 @@ write / commit, then finalize and publish. See ``../shared/spec/ARCHITECTURE.md`
 from __future__ import annotations
 
 import errno
+import json
+import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +69,21 @@ def plan(cfg: PruneConfig):
         method = servable_method(cfg, method)
     method.plan(shapes, survey=None)
     return adapter, shapes, method, method.planned_specs(shapes)
+
+
+def convert_staged(run: RunDir, fmt: str) -> Path:
+    """The staged output (streamprune format) converted to ``fmt`` in a folder of its own
+    (``streamprune.formats.nemotron_nas.export``, one layer at a time; a conversion cut
+    short by a crash is redone whole), with the run's report; returns that folder."""
+    from .formats import nemotron_nas
+
+    target = run.root / fmt
+    shutil.rmtree(target, ignore_errors=True)
+    info = nemotron_nas.export(run.staging, target)
+    report = json.loads((run.staging / writer.REPORT_FILE).read_text())
+    report["format"] = {"name": fmt, "params_stored": info["params"], "files": info["files"]}
+    atomic.write_json(target / writer.REPORT_FILE, report)
+    return target
 
 
 def servable_method(cfg: PruneConfig, method):
@@ -396,7 +414,11 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
         with disk_errors("the output folder", run):
             atomic.write_json(run.staging / writer.REPORT_FILE, {**report, "run": timing})
         crash_point("finalize")
-        writer.publish(run.staging, cfg.out)
+        with disk_errors("the output folder", run):
+            staged = run.staging if cfg.format == "streamprune" else convert_staged(run, cfg.format)
+            writer.publish(staged, cfg.out)
+            if staged != run.staging:  # the streamprune-format copy it was converted from
+                shutil.rmtree(run.staging, ignore_errors=True)
     if not cfg.keep_work:
         streams.clear()
     ranks.finished(run.acts, keep=cfg.keep_work)
