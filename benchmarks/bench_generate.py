@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:
     """``batch`` different ``length``-token windows of the bundled WikiText-2 text."""
-    from streamprune.textdata import BUNDLED
+    from streamprune.inputs.textdata import BUNDLED
 
     ids = tokenizer(BUNDLED["wikitext2"].read_text()[:200_000], add_special_tokens=False)["input_ids"]
     assert len(ids) >= batch * length, "not enough bundled text for this batch"
@@ -87,7 +87,7 @@ def main() -> None:
     from streamprune import load_pruned
 
     if args.dense is None:
-        from streamprune.demo_model import ensure_demo_model
+        from streamprune.inputs.demo_model import ensure_demo_model
 
         args.dense = ensure_demo_model(progress=False)
     dtype = getattr(torch, args.dtype)

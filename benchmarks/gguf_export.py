@@ -37,9 +37,9 @@ def main() -> None:
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from streamprune.demo_model import ensure_demo_model
+    from streamprune.inputs.demo_model import ensure_demo_model
     from streamprune.formats.gguf import write_gguf
-    from streamprune.textdata import eval_windows, resolve_text_source
+    from streamprune.inputs.textdata import eval_windows, resolve_text_source
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a dense Llama or nemotron-nas folder (default: the demo model)")

@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--baseline-lock-s", type=float, default=10.0, help="with --baseline: seconds from process start to the lock")
     args = ap.parse_args()
     if args.source is None:
-        from streamprune.demo_model import ensure_demo_model
+        from streamprune.inputs.demo_model import ensure_demo_model
 
         args.source = ensure_demo_model()
     import tempfile

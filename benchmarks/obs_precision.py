@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from streamprune.demo_model import ensure_demo_model
+from streamprune.inputs.demo_model import ensure_demo_model
 from streamprune.kernels.obs import obs_cost_curve, obs_remove_columns
 
 C4 = Path(__file__).resolve().parents[1] / "streamprune" / "data" / "c4" / "validation-2k.jsonl"

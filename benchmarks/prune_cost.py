@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import parse_row, split_calibration  # noqa: E402
 
-from streamprune.checkpoint import file_sha256  # noqa: E402
-from streamprune.demo_model import default_cache_dir, ensure_demo_model  # noqa: E402
+from streamprune.storage.checkpoint import file_sha256  # noqa: E402
+from streamprune.inputs.demo_model import default_cache_dir, ensure_demo_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "prune_cost.jsonl"
 REPORT = "streamprune_report.json"

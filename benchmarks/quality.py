@@ -30,7 +30,7 @@ import torch
 
 from streamprune import EvalConfig, PruneConfig, perplexity, prune
 from streamprune.config import resolve_dtype
-from streamprune.demo_model import default_cache_dir, ensure_demo_model
+from streamprune.inputs.demo_model import default_cache_dir, ensure_demo_model
 from streamprune.errors import StreamPruneError
 
 RESULTS = Path(__file__).parent / "results" / "quality.jsonl"

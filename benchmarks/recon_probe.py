@@ -13,7 +13,7 @@ without cascade's allocation" of benchmarks/RESULTS.md. One JSON line last.
 import time, json, argparse, math
 import torch, torch.nn.functional as F
 from streamprune.adapters import open_model, load_tokenizer
-from streamprune.textdata import resolve_text_source, calibration_windows, eval_windows
+from streamprune.inputs.textdata import resolve_text_source, calibration_windows, eval_windows
 from streamprune.stream import position_embeddings
 from streamprune.methods.cascade.reconstruct import reconstruct_layer, ReconSettings
 
@@ -32,7 +32,7 @@ p.add_argument("--schedule", default="constant", help="learning rate: constant o
 p.add_argument("--tag", default="")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-from streamprune.demo_model import ensure_demo_model
+from streamprune.inputs.demo_model import ensure_demo_model
 DEMO = ensure_demo_model()
 dense_ad, pr_ad = open_model(DEMO), open_model(a.pruned)
 tok = load_tokenizer(DEMO)

@@ -1,6 +1,6 @@
 """The activation streams a pruning run carries from layer to layer, and who owns them.
 
-A stream is one :class:`~streamprune.activations.ActivationCache`: the calibration hidden
+A stream is one :class:`~streamprune.storage.activations.ActivationCache`: the calibration hidden
 states at each layer boundary, on disk. Every run carries the pruned model's own stream
 (boundary ``i`` = the pruned layers ``0..i-1`` over the calibration tokens); a method asks
 for up to two more (``Method.needs_dense_stream``, ``Method.needs_decision_stream``):
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .activations import ActivationCache
+from .storage.activations import ActivationCache
 from .errors import StreamPruneError
 from .stream import embed_to_boundary
 from .stream import observe as observe_layer

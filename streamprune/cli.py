@@ -147,7 +147,7 @@ def _run(args) -> dict:
         # Lock the run dir and --out before the slow torch import and hold them for the whole
         # run: a second prune on either is refused at once, whenever it starts (under torchrun
         # rank 0 alone holds the locks, as in the engine).
-        from .runlock import held, run_dir_for
+        from .run.runlock import held, run_dir_for
 
         with ExitStack() as lock:
             if not args.dry_run and os.environ.get("RANK", "0") == "0":
@@ -176,13 +176,13 @@ def _run(args) -> dict:
 
         return run_demo(method=args.method, ratio=args.ratio, full=args.full, out=args.out, nsamples=args.nsamples, fmt=args.format)
     if args.command == "inspect":
-        from .inspect_run import inspect_run
+        from .run.inspect import inspect_run
 
         return inspect_run(args.work_dir)
     if args.command == "export":
         return _export(args)
     if args.command == "demo-model":
-        from .demo_model import ensure_demo_model
+        from .inputs.demo_model import ensure_demo_model
 
         return {"path": str(ensure_demo_model())}
     raise AssertionError(args.command)

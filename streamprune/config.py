@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .runlock import run_dir_for
+from .run.runlock import run_dir_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 

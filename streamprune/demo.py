@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import PruneConfig
-from .demo_model import default_cache_dir, ensure_demo_model
+from .inputs.demo_model import default_cache_dir, ensure_demo_model
 from .engine import prune
 from .errors import OutputError
 from .evaluate import EvalConfig, perplexity

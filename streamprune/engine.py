@@ -18,25 +18,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, atomic, runlock, writer
+from . import __version__
+from .storage import atomic, writer
+from .run import runlock
 from .activation_streams import ActivationStreams
-from .activations import ActivationCache
+from .storage.activations import ActivationCache
 from .adapters import load_tokenizer, open_model, tokenizer_digest
-from .checkpoint import file_sha256
+from .storage.checkpoint import file_sha256
 from . import preflight
 from .config import PruneConfig, parse_size, resolve_device, resolve_dtype
 from .distributed import Ranks, SharedStop, joined
 from .errors import ConfigError, NumericalError, StreamPruneError
-from .faults import crash_point
-from .interrupts import graceful_stop
-from .journal import RunDir, digest
+from .run.faults import crash_point
+from .run.interrupts import graceful_stop
+from .run.journal import RunDir, digest
 from .methods import build_method
 from .methods.base import Decision, LayerData, Method
-from .prefetch import Prefetcher, stage_on_host, to_device
+from .storage.prefetch import Prefetcher, stage_on_host, to_device
 from .spec import LayerSpec
-from .profile import GiB, LayerProfile, append_line, peak_rss_bytes
+from .run.profile import GiB, LayerProfile, append_line, peak_rss_bytes
 from .stream import embed_to_boundary, position_embeddings, propagate
-from .textdata import calibration_windows, resolve_text_source
+from .inputs.textdata import calibration_windows, resolve_text_source
 
 
 def fingerprint(cfg: PruneConfig, adapter, method, calib_digest: str, device, dtype, chunk_rows: int, world_size: int = 1) -> dict:

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .activations import ActivationCache
+from .storage.activations import ActivationCache
 from .adapters import load_tokenizer, open_model
 from .config import resolve_device, resolve_dtype
 from .distributed import Ranks, joined
 from .errors import ConfigError
-from .interrupts import sigterm_raises
+from .run.interrupts import sigterm_raises
 from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
-from .textdata import eval_windows, resolve_text_source
+from .inputs.textdata import eval_windows, resolve_text_source
 
 
 @dataclass(frozen=True)

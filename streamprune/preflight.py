@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, StreamPruneError
-from .profile import GiB, rss_bytes
+from .run.profile import GiB, rss_bytes
 from .shapes import ModelShapes
 from .spec import LayerSpec
 

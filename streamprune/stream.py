@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .activations import ActivationCache
+from .storage.activations import ActivationCache
 from .observers import observing
 
 

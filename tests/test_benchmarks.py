@@ -146,7 +146,7 @@ def test_quality_table_renders_records_and_marks_missing_cells():
 
 def test_quality_run_stopped_by_a_signal_ends_with_the_engines_message_not_a_traceback(monkeypatch, tmp_path, capsys):
     quality = bench("quality")
-    from streamprune.interrupts import Interrupted
+    from streamprune.run.interrupts import Interrupted
 
     def stopped(cfg):
         raise Interrupted("stopped by SIGTERM after committing layer 3; run the same command again to resume")

@@ -17,7 +17,7 @@ import torch
 from reference import prune_in_memory
 from streamprune import PruneConfig, load_pruned, prune
 from streamprune.adapters import open_model
-from streamprune.journal import RunDir
+from streamprune.run.journal import RunDir
 from streamprune.methods import build_method
 from streamprune.methods.cascade import Cascade, CascadeConfig
 from streamprune.methods.cascade.reconstruct import ReconSettings, recon_loss, reconstruct_layer

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamprune import EvalConfig, PruneConfig, load_pruned, perplexity, perplexity_in_memory, prune
-from streamprune.demo_model import ensure_demo_model
+from streamprune.inputs.demo_model import ensure_demo_model
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8

@@ -1,4 +1,4 @@
-"""The demo model checkpoint (streamprune/demo_model.py).
+"""The demo model checkpoint (streamprune/inputs/demo_model.py).
 
 Run:  . .venv/bin/activate && python -m pytest tests/test_demo_model.py -q
 Fast only (no conversion, no model load):  ... -m 'not slow'
@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from streamprune import demo_model
-from streamprune.demo_model import (
+from streamprune.inputs import demo_model
+from streamprune.inputs.demo_model import (
     DEMO_MODEL_NAME,
     INDEX_FILE,
     default_cache_dir,

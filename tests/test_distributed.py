@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from test_resume import digests  # sha256 of every output file, the report without its "run" block
 
 from streamprune import EvalConfig, PruneConfig, perplexity, prune
-from streamprune.journal import FingerprintMismatch
+from streamprune.run.journal import FingerprintMismatch
 
 NSAMPLES, SEQLEN, CHUNK_TOKENS = 8, 32, 96  # chunks of 3 rows: 3+3+2 in one process, 3+1 per rank
 ARGS = ["--calib", "c4", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--chunk-tokens", str(CHUNK_TOKENS), "--no-progress"]

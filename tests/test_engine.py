@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reference import logits_of, prune_in_memory
 from streamprune import EvalConfig, PruneConfig, load_pruned, perplexity, perplexity_in_memory, prune
-from streamprune.activations import ActivationCache
+from streamprune.storage.activations import ActivationCache
 from streamprune.adapters import open_model
 from streamprune.methods import build_method
-from streamprune.textdata import calibration_windows, resolve_text_source
+from streamprune.inputs.textdata import calibration_windows, resolve_text_source
 
 CALIB = dict(calib="c4", nsamples=8, seqlen=32, seed=0, chunk_tokens=96, progress=False)  # 3 rows/chunk: 3 chunks
 
@@ -100,7 +100,7 @@ def test_sigterm_during_streamed_eval_cleans_its_activation_folder(tiny_llama, t
     import pytest
 
     from streamprune import evaluate
-    from streamprune.interrupts import Interrupted
+    from streamprune.run.interrupts import Interrupted
 
     real = evaluate.propagate
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from streamprune.demo_model import ensure_demo_model
+from streamprune.inputs.demo_model import ensure_demo_model
 from streamprune.errors import ConfigError
 from streamprune.formats.gguf import deci_blocks, ffn_width, permute_rope, tensor_type, write_gguf
 
@@ -210,7 +210,7 @@ def demo_dir() -> Path:
 def windows(demo_dir) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from streamprune.textdata import eval_windows, resolve_text_source
+    from streamprune.inputs.textdata import eval_windows, resolve_text_source
 
     tok = AutoTokenizer.from_pretrained(demo_dir)
     return eval_windows(tok, resolve_text_source("wikitext2"), SEQLEN, WINDOWS)  # (4, 128)

@@ -362,7 +362,7 @@ def test_lm_eval_hf_model_scores_the_folder(llama_pair, tmp_path):
 # ---------------------------------------------------------------------- the demo model
 @pytest.mark.slow
 def test_demo_model_exports_with_its_perplexity(tmp_path):
-    from streamprune.demo_model import ensure_demo_model
+    from streamprune.inputs.demo_model import ensure_demo_model
 
     demo = ensure_demo_model()
     out = tmp_path / "nas"
@@ -386,7 +386,7 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path):
         import llama_cpp
     except ImportError:
         pytest.fail("llama_cpp is not importable: install the runtime with `.venv/bin/pip install -e '.[llamacpp]'`")
-    from streamprune.demo_model import ensure_demo_model
+    from streamprune.inputs.demo_model import ensure_demo_model
     from streamprune.formats.gguf import export_gguf
 
     demo = ensure_demo_model(progress=False)  # its tokenizer: one llama.cpp knows

@@ -32,10 +32,11 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from reference import logits_of, prune_in_memory
-from streamprune import PruneConfig, load_pruned, prune, writer
+from streamprune import PruneConfig, load_pruned, prune
+from streamprune.storage import writer
 from streamprune.adapters import open_model
 from streamprune.errors import RatioError
-from streamprune.journal import RunDir
+from streamprune.run.journal import RunDir
 from streamprune.kernels.svd import weighted_svd
 from streamprune.kernels.reference import linear_fit_pearson_ref
 from streamprune.methods import build_method
@@ -51,7 +52,7 @@ from streamprune.methods.olica.attention import exact_ond_transform, fast_ond_ro
 from streamprune.methods.olica.budget import awsvd_rank, budget_split, pick_lc_layers, sr_allocation
 from streamprune.shapes import ModelShapes
 from streamprune.spec import LayerSpec
-from streamprune.textdata import calibration_windows, resolve_text_source
+from streamprune.inputs.textdata import calibration_windows, resolve_text_source
 from test_engine import _engine_logits, _output_tensors
 from test_resume import digests
 

@@ -13,7 +13,7 @@ import traceback
 import pytest
 import torch
 
-from streamprune.prefetch import Prefetcher, pin_if_cuda, stage_on_host, to_device
+from streamprune.storage.prefetch import Prefetcher, pin_if_cuda, stage_on_host, to_device
 
 
 def test_order_preserved():

@@ -92,7 +92,7 @@ def test_completed_run_is_not_redone(tiny_llama, tmp_path):
 def test_disk_full_reports_layer_and_resumes(tiny_llama, tmp_path, monkeypatch, baseline):
     import errno
 
-    from streamprune import writer
+    from streamprune.storage import writer
 
     out = tmp_path / "out"
     cfg = PruneConfig(source=tiny_llama, out=out, method="magnitude", ratio=0.3, calib="c4", nsamples=8, seqlen=32, chunk_tokens=96, progress=False)
@@ -116,7 +116,7 @@ def test_disk_full_reports_layer_and_resumes(tiny_llama, tmp_path, monkeypatch, 
 def test_sigterm_stops_after_commit_then_resumes(tiny_llama, tmp_path, monkeypatch, capsys, baseline):
     import signal
 
-    from streamprune import writer
+    from streamprune.storage import writer
     from streamprune.cli import main
 
     out = tmp_path / "out"

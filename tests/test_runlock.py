@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from streamprune import PruneConfig, prune, runlock
-from streamprune.inspect_run import inspect_run
-from streamprune.journal import RunDir, repair_tail
+from streamprune import PruneConfig, prune
+from streamprune.run import runlock
+from streamprune.run.inspect import inspect_run
+from streamprune.run.journal import RunDir, repair_tail
 
 from test_resume import ARGS, digests, run_cli
 

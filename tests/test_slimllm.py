@@ -24,7 +24,7 @@ from streamprune.methods.slimllm.budget import clamp_redistribute, heads_to_prun
 from streamprune.methods.slimllm.heads import HeadMoments, fold_regression, head_pools, head_scores, linear_fit, select_heads
 from streamprune.methods.slimllm.observers import HeadObserver
 from streamprune.shapes import ModelShapes
-from streamprune.textdata import calibration_windows, resolve_text_source
+from streamprune.inputs.textdata import calibration_windows, resolve_text_source
 from test_resume import digests
 
 SMOLLM2 = ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,

@@ -1,4 +1,4 @@
-"""Calibration and evaluation windows (streamprune/textdata.py).
+"""Calibration and evaluation windows (streamprune/inputs/textdata.py).
 
 Run:  . .venv/bin/activate && python -m pytest tests/test_textdata.py -q
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from streamprune.errors import CalibrationError, ConfigError
-from streamprune.textdata import (
+from streamprune.inputs.textdata import (
     BUNDLED,
     TextSource,
     calibration_windows,
@@ -236,7 +236,7 @@ def demo_tokenizer():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from streamprune.demo_model import ensure_demo_model
+    from streamprune.inputs.demo_model import ensure_demo_model
 
     return AutoTokenizer.from_pretrained(ensure_demo_model(progress=False))
 

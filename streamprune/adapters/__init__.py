@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import CheckpointReader, file_sha256
+from ..storage.checkpoint import CheckpointReader, file_sha256
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from .llama import LAYER_CLASSES, SUPPORTED, LlamaFamilyAdapter
 from .nemotron_nas import NemotronNasAdapter
@@ -54,7 +54,7 @@ def load_tokenizer(folder: str | Path):
 
 def tokenizer_digest(folder: str | Path) -> dict[str, str]:
     """sha256 of each tokenizer file in ``folder`` (for the run fingerprint of ``--tokenizer``)."""
-    from ..writer import TOKENIZER_FILES
+    from ..storage.writer import TOKENIZER_FILES
 
     folder = Path(folder)
     return {name: file_sha256(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}

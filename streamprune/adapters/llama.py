@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from ..checkpoint import CheckpointReader
+from ..storage.checkpoint import CheckpointReader
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..modeling import modeling_streamprune as sp
 from ..shapes import ModelShapes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointReader
+from ..storage.checkpoint import CheckpointReader
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..modeling import DeciLMConfig
 from ..modeling.modeling_decilm import DeciLMDecoderLayer

@@ -43,7 +43,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 from safetensors import safe_open
 
-from streamprune.atomic import replacing
+from streamprune.storage.atomic import replacing
 from streamprune.errors import CheckpointError, ConfigError
 from streamprune.formats.gguf_vocab import add_vocab
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic
+from ..storage import atomic
 from ..errors import ConfigError, OutputError
 from ..modeling import DECILM_AUTO_MAP, DECILM_FILES
 from ..modeling.configuration_decilm import ffn_mult_to_intermediate_size
@@ -256,7 +256,7 @@ def export(in_dir: str | Path, out_dir: str | Path, dtype: str | None = None) ->
     Returns ``{"out", "format", "params", "files", "bytes", "layers"}``.
     """
     from ..adapters import open_model
-    from ..writer import OUTER_FILE, TOKENIZER_FILES, layer_file
+    from ..storage.writer import OUTER_FILE, TOKENIZER_FILES, layer_file
 
     in_dir, out = Path(in_dir), Path(out_dir).resolve()
     adapter = open_model(in_dir)

@@ -36,7 +36,7 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument
+from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument, link_lengths
 from .configuration_decilm import DeciLMConfig
 
 
@@ -165,6 +165,7 @@ class DeciLMModel(DeciLMPreTrainedModel):
                 cache.layers.append(cls())
             elif type(cache.layers[i]) is not cls and (cls is DummyLayer or cache.layers[i].get_seq_length() == 0):
                 cache.layers[i] = cls()
+        link_lengths(cache)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, output_hidden_states=None,
                 cache: Cache | None = None, use_cache: bool | None = None, **kwargs) -> BaseModelOutputWithPast:

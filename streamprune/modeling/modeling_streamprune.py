@@ -48,7 +48,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument
+from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument, link_lengths
 from .configuration_streamprune import StreamPruneConfig, layer_spec_dict  # noqa: F401  (re-exported)
 
 
@@ -283,6 +283,7 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
             have = cache.layers[i]
             if type(have) is not cls and (cls is DummyLayer or have.get_seq_length() == 0):
                 cache.layers[i] = cls(**kwargs)
+        link_lengths(cache)
 
     def forward(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import StreamPruneError
+from ..errors import StreamPruneError
 from .journal import RunDir
 from .profile import GiB
 from .runlock import holder, run_lock_path

@@ -37,7 +37,7 @@ import torch
 
 from streamprune.errors import CalibrationError, ConfigError
 
-_DATA_DIR = Path(__file__).parent / "data"
+_DATA_DIR = Path(__file__).parents[1] / "data"  # streamprune/data/
 BUNDLED: dict[str, Path] = {
     "wikitext2": _DATA_DIR / "wikitext2" / "test.txt",
     "ptb": _DATA_DIR / "ptb" / "test.txt",

@@ -10,7 +10,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from .errors import StreamPruneError
+from ..errors import StreamPruneError
 
 
 class Interrupted(StreamPruneError):

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import atomic
-from .checkpoint import file_sha256
-from .errors import StreamPruneError
+from ..storage import atomic
+from ..storage.checkpoint import file_sha256
+from ..errors import StreamPruneError
 from .runlock import LOCK_NAME
 
 

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import StreamPruneError
+from ..errors import StreamPruneError
 
 LOCK_NAME = "lock"
 _RETRY_S = 0.5  # how long a busy lock is retried (covers an `inspect` probe)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .errors import OutputError
-from .modeling import AUTO_MAP, MODELING_FILES
-from .modeling import modeling_streamprune as sp
-from .spec import LayerSpec
+from ..errors import OutputError
+from ..modeling import AUTO_MAP, MODELING_FILES
+from ..modeling import modeling_streamprune as sp
+from ..spec import LayerSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json",
