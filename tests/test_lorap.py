@@ -28,14 +28,11 @@ from streamprune.methods.lorap import (
     layer_spec,
     solve_fraction,
 )
-from streamprune.shapes import ModelShapes
 from test_engine import CALIB, _output_tensors, _tokens
 from test_resume import digests
+from tiny import real_shapes
 
-LLAMA_7B = ModelShapes(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32,
-                       head_dim=128, vocab_size=32000, tie_word_embeddings=False)
-SMOLLM2 = ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
-                      head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+LLAMA_7B, SMOLLM2 = real_shapes()["llama-7b"], real_shapes()["smollm2"]
 
 
 # ---- rank allocation and the ratio solver (shapes only) ------------------------------------

@@ -55,11 +55,9 @@ from streamprune.spec import LayerSpec
 from streamprune.inputs.textdata import calibration_windows, resolve_text_source
 from test_engine import _engine_logits, _output_tensors
 from test_resume import digests
+from tiny import real_shapes
 
-SMOLLM2 = ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
-                      head_dim=64, vocab_size=49152, tie_word_embeddings=True)
-LLAMA2_70B = ModelShapes(num_layers=80, hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8,
-                         head_dim=128, vocab_size=32000, tie_word_embeddings=False)
+SMOLLM2, LLAMA2_70B = real_shapes()["smollm2"], real_shapes()["llama-2-70b"]
 
 
 # ---- tiny model harness -----------------------------------------------------------------------

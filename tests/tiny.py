@@ -64,3 +64,18 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, shards: in
     model.save_pretrained(folder, max_shard_size=max(total // (shards + 1), 1))
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def real_shapes():
+    """Shapes of real models the planning tests use (no weights): SmolLM2-135M (the demo),
+    LLaMA-7B, LLaMA-2-70B."""
+    from streamprune.shapes import ModelShapes
+
+    return {
+        "smollm2": ModelShapes(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+                               head_dim=64, vocab_size=49152, tie_word_embeddings=True),
+        "llama-7b": ModelShapes(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32,
+                                head_dim=128, vocab_size=32000, tie_word_embeddings=False),
+        "llama-2-70b": ModelShapes(num_layers=80, hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8,
+                                   head_dim=128, vocab_size=32000, tie_word_embeddings=False),
+    }
