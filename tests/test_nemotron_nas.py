@@ -57,9 +57,8 @@ def _specs(bias: bool = False) -> list[LayerSpec]:
     ]
 
 
-def write_streamprune_folder(folder: Path, specs: list[LayerSpec], arch: str = "llama", tie: bool = False, seed: int = 0) -> Path:
-    """A streamprune output folder (config with layer_specs, safetensors, tokenizer) of random weights."""
-    src = tiny_config(arch, layers=len(specs), hidden=D, heads=H, kv_heads=G, inter=128, tie=tie)
+def random_streamprune_model(src, specs: list[LayerSpec], seed: int = 0) -> StreamPruneForCausalLM:
+    """A streamprune model of ``specs`` on config ``src`` with random weights of unit-scale outputs."""
     model = StreamPruneForCausalLM(StreamPruneConfig.from_source(src, specs)).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -70,6 +69,13 @@ def write_streamprune_folder(folder: Path, specs: list[LayerSpec], arch: str = "
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.1)
+    return model
+
+
+def write_streamprune_folder(folder: Path, specs: list[LayerSpec], arch: str = "llama", tie: bool = False, seed: int = 0) -> Path:
+    """A streamprune output folder (config with layer_specs, safetensors, tokenizer) of random weights."""
+    src = tiny_config(arch, layers=len(specs), hidden=D, heads=H, kv_heads=G, inter=128, tie=tie)
+    model = random_streamprune_model(src, specs, seed)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -393,14 +399,7 @@ def test_llama_cpp_runs_the_export_like_transformers(tmp_path):
     specs = _specs() + [_spec(0, 0, 0)]
     src = tiny_config("llama", layers=len(specs), hidden=D, heads=H, kv_heads=G, inter=128, tie=True)
     src.vocab_size = 49152
-    model = StreamPruneForCausalLM(StreamPruneConfig.from_source(src, specs)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[1]))
-            elif name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model = random_streamprune_model(src, specs, 0)
     model.save_pretrained(tmp_path / "sp")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "sp" / name).write_bytes((demo / name).read_bytes())
