@@ -174,12 +174,10 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ppl(logits: list[np.ndarray], windows: torch.Tensor) -> float:
-    nll, n = 0.0, 0
-    for lg, ids in zip(logits, windows):
-        lp = torch.log_softmax(torch.as_tensor(lg[:-1], dtype=torch.float64), dim=-1)
-        nll -= lp.gather(1, ids[1:, None]).sum().item()
-        n += len(ids) - 1
-    return math.exp(nll / n)
+    """Perplexity of per-window logits (the benchmark's own function: one definition)."""
+    from test_benchmarks import bench
+
+    return bench("gguf_export").ppl(logits, windows)
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
