@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .errors import StreamPruneError
+from .formats import FORMATS
 
 
 def _options(pairs: list[str]) -> dict:
@@ -45,7 +46,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--fresh", action="store_true", help="discard a previous run in the work dir and start over")
     p.add_argument("--keep-work", action="store_true", help="keep activation files after success")
     p.add_argument("--dry-run", action="store_true", help="plan and forecast only")
-    p.add_argument("--format", default="streamprune", choices=["streamprune", "nemotron-nas"],
+    p.add_argument("--format", default="streamprune", choices=FORMATS,
                    help="output format: streamprune (default; every structure, loaded by transformers with our modeling file) or "
                         "nemotron-nas (DeciLM: vLLM, SGLang, TensorRT-LLM, MLX-lm, GGUF export; the servable structure)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,7 +72,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--full", action="store_true", help="evaluate on the whole WikiText-2 test set")
     p.add_argument("--out", type=Path, default=None, help="default: a folder in the streamprune cache")
     p.add_argument("--nsamples", type=int, default=None)
-    p.add_argument("--format", default="streamprune", choices=["streamprune", "nemotron-nas"],
+    p.add_argument("--format", default="streamprune", choices=FORMATS,
                    help="output format (nemotron-nas: the servable structure, and a llama.cpp GGUF sample where llama.cpp is installed)")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .formats import FORMATS
 from .run.runlock import run_dir_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -42,9 +43,6 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-FORMATS = ("streamprune", "nemotron-nas")
 
 
 @dataclass(frozen=True)

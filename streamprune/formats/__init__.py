@@ -8,4 +8,4 @@ Each format module has pure functions (the config, the fit check, per-layer tens
 one ``export(in_dir, out_dir) -> dict``.
 """
 
-FORMATS = ("nemotron-nas",)
+FORMATS = ("streamprune", "nemotron-nas")  # output formats: the native one (every structure), then the exports
