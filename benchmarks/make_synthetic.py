@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import zlib
 from pathlib import Path
@@ -39,6 +40,9 @@ PRESETS: dict[str, dict] = {
     "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
                         vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
                         num_hidden_layers=80, tie_word_embeddings=False),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40, head_dim=128,
+                        vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                        num_hidden_layers=40, tie_word_embeddings=False),
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
                        vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        num_hidden_layers=32, tie_word_embeddings=False),
@@ -146,8 +150,9 @@ def write_config(folder: Path, cfg: dict, dtype: torch.dtype, eos_id: int) -> No
 
 
 def write_checkpoint(folder: str | Path, cfg: dict, layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     tokenizer_vocab: int = 512, log=print, gen_device: str = "cpu") -> dict:
-    """Write the checkpoint into ``folder`` one shard at a time; returns a summary dict."""
+                     tokenizer_vocab: int = 512, log=print, gen_device: str = "cpu", resume: bool = False) -> dict:
+    """Write the checkpoint into ``folder`` one shard at a time; returns a summary dict.
+    ``resume``: keep the whole shards already in ``folder`` (same shapes and seed assumed)."""
     t0 = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,24 +168,33 @@ def write_checkpoint(folder: str | Path, cfg: dict, layers: int, dtype: torch.dt
     weight_map: dict[str, str] = {}
     total = 0
 
-    def write(k: int, tensors: dict[str, torch.Tensor]) -> None:
+    def write(k: int, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Shard k, unless a complete one is there already (shards are written to a temporary
+        name and renamed, so a shard under its final name is whole: a killed run resumes)."""
         nonlocal total
-        save_file(tensors, folder / shard(k), metadata={"format": "pt"})
+        path = folder / shard(k)
+        if resume and path.is_file():
+            for name, s in shapes.items():
+                weight_map[name] = shard(k)
+                total += math.prod(s) * torch.finfo(dtype).bits // 8
+            return
+        tensors = {name: random_tensor(name, s, dtype, seed, gen_device) for name, s in shapes.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
         for name, t in tensors.items():
             weight_map[name] = shard(k)
             total += t.numel() * t.element_size()
 
-    outer = {name: random_tensor(name, s, dtype, seed, gen_device) for name, s in outer_shapes(cfg).items()}
-    write(0, outer)
-    del outer
+    write(0, outer_shapes(cfg))
     for i in range(layers):
         prefix = f"model.layers.{i}."
-        tensors = {prefix + n: random_tensor(prefix + n, s, dtype, seed, gen_device) for n, s in layer_shapes(cfg).items()}
-        write(i + 1, tensors)
-        del tensors
+        write(i + 1, {prefix + n: s for n, s in layer_shapes(cfg).items()})
         log(f"  layer {i + 1}/{layers} written ({(folder / shard(i + 1)).stat().st_size / 2**20:.1f} MiB)")
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    tmp = folder / "model.safetensors.index.json.tmp"  # the index last, whole or absent: it marks a complete folder
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, folder / "model.safetensors.index.json")
     layer_bytes = sum(math.prod(s) for s in layer_shapes(cfg).values()) * torch.finfo(dtype).bits // 8
     return {
         "folder": str(folder),

@@ -304,11 +304,15 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)
     gpu_budget = parse_size(cfg.max_gpu_memory)
     adapter, shapes, method, specs = plan(cfg)
+    storage_dtype = adapter.reader.dtype(adapter.reader.names_with_prefix(adapter.layer_prefix(0))[0])  # the output's dtype
     chunk_rows = preflight.fit_chunk_rows(shapes, cfg.chunk_rows, cfg.seqlen, dtype.itemsize, method.workspace_bytes(shapes), gpu_budget)
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
                             dense_stream=method.needs_dense_stream, decision_stream=method.needs_decision_stream,
+                            storage_itemsize=storage_dtype.itemsize,
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
+                            dense_passes=1 + int(method.needs_pass_b and method.pass_b_layer == "dense") + int(method.needs_dense_stream),
+                            pruned_passes=1 + int(method.needs_pass_b and method.pass_b_layer != "dense") + int(method.needs_decision_stream),
                             host_workspace=method.host_workspace_bytes(shapes, cfg.nsamples, cfg.seqlen))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.source)
     source = resolve_text_source(cfg.calib)
@@ -333,7 +337,6 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
-    storage_dtype = next(iter(adapter.read_layer(0).values())).dtype
     calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 
     # ---- survey pass (journaled: a resume never repeats it) --------------------------

@@ -39,6 +39,8 @@ class Forecast:
     disk_free_bytes: int
     method_tflop: float = 0.0  # the method's own extra compute (cascade: reconstruction), whole run
     method_s: float = 0.0  # ... at the measured fp32 matmul throughput of the device
+    forward_tflop: float = 0.0  # the layer passes over the calibration tokens, whole run
+    wall_s: float = 0.0  # (forward + method compute) at the measured matmul throughput; excludes storage I/O
 
 
     def as_dict(self) -> dict:
@@ -66,21 +68,38 @@ def device_peak(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int
 def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seqlen: int, chunk_rows: int,
              dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
              method_flop: float = 0.0, host_workspace: int = 0, dense_stream: bool = False,
-             decision_stream: bool = False) -> Forecast:
+             decision_stream: bool = False, dense_passes: int = 1, pruned_passes: int = 1,
+             storage_itemsize: int = 4) -> Forecast:
+    """``dense_passes`` / ``pruned_passes``: how many times each layer, dense and pruned, runs over
+    the calibration tokens (the observation passes and the streams the method keeps)."""
     itemsize = dtype.itemsize
+    chunk_rows = min(chunk_rows, nsamples)  # a chunk never holds more windows than there are
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
-    host_layer = _layer_bytes(shapes.dense_spec(), 4)  # tensors as read (storage dtype <= fp32)
+    host_layer = _layer_bytes(shapes.dense_spec(), storage_itemsize)  # tensors as read from the shards
     # Process baseline now (interpreter, torch, transformers), plus 10 % + 128 MiB for what
-    # is loaded later (tokenizer, calibration text, allocator slack), two host copies of a
-    # layer (read + prefetch), the method's host workspace and, on CPU, the device working set.
+    # is loaded later (tokenizer, calibration text, allocator slack), the outer tensors as
+    # read (embedding, head: kept for the output), the method's host workspace, and layers:
+    # on a GPU two host copies as stored (the one being copied over + the prefetched next);
+    # on CPU the prefetched copy and the device working set, the read copy having become the
+    # compute-dtype dense layer there, the second layer being the pruned one (at most the
+    # largest kept layer). Checked against a LLaMA-2-13B-shaped run (benchmarks/RESULTS.md).
     base = rss_bytes()
     slack = base // 10 + (128 << 20)
-    work = dev if device.type == "cpu" else 2 * chunk_rows * seqlen * shapes.hidden_size * itemsize
-    cpu = base + slack + 2 * host_layer + work + host_workspace
+    outer = shapes.vocab_size * shapes.hidden_size * storage_itemsize * (1 if shapes.tie_word_embeddings else 2)
+    if device.type == "cpu":
+        largest_kept = max((_layer_bytes(spec, itemsize) for spec in specs), default=0)
+        layers = host_layer + dev - _layer_bytes(shapes.dense_spec(), itemsize) + largest_kept
+    else:
+        layers = 2 * host_layer + 2 * chunk_rows * seqlen * shapes.hidden_size * itemsize
+    cpu = base + slack + outer + layers + host_workspace
     boundary = nsamples * seqlen * shapes.hidden_size * itemsize
-    output = shapes.total_params(specs) * 4
+    output = shapes.total_params(specs) * storage_itemsize  # written in the source checkpoint's dtype
     extra_streams = int(dense_stream) + int(decision_stream)  # two boundaries each, like the pruned stream
     disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams
+    tokens = nsamples * seqlen
+    dense_layer = shapes.dense_spec().num_params()
+    forward_flop = 2 * tokens * sum(dense_layer * (dense_passes + int(survey)) + spec.num_params() * pruned_passes for spec in specs)
+    flops = matmul_flops(device)
     probe = work_dir
     while not probe.exists():
         probe = probe.parent
@@ -96,7 +115,9 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
         disk_bytes=disk,
         disk_free_bytes=shutil.disk_usage(probe).free,
         method_tflop=round(method_flop / 1e12, 3),
-        method_s=round(method_flop / matmul_flops(device), 3) if method_flop else 0.0,
+        method_s=round(method_flop / flops, 3) if method_flop else 0.0,
+        forward_tflop=round(forward_flop / 1e12, 3),
+        wall_s=round((forward_flop + method_flop) / flops, 1),
     )
 
 

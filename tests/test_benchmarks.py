@@ -345,3 +345,41 @@ def test_check_results_flags_figures_without_a_default_record(tmp_path, capsys):
     for what in ("'n/a' under 'WikiText-2 @128' is not a figure", "olica-20 wikitext2:128 = 119.28", "cascade-20 wikitext2:128 = 97.73",
                  "olica-20 ptb:128 = 150.00", "olica-20 prune wall / peak RSS = 264.4 s / 1.02 GiB"):
         assert sum(what in line for line in bad) == 1, (what, bad)
+
+
+def test_make_synthetic_resume_rewrites_only_the_missing_shard(tmp_path, make_synthetic):
+    cfg = make_synthetic.model_config("custom", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    folder = tmp_path / "m"
+    make_synthetic.write_checkpoint(folder, cfg, 3, log=lambda *_: None)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    before = {p.name: p.read_bytes() for p in shards}
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[2].unlink()  # a write killed before this shard was renamed into place
+    (folder / "model.safetensors.index.json").unlink()
+    make_synthetic.write_checkpoint(folder, cfg, 3, resume=True, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in sorted(folder.glob("model-*.safetensors"))} == before
+    assert [p.stat().st_mtime_ns == stamps[p.name] for p in shards] == [True, True, False, True]
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_bench_out_of_core_tiny_kills_resumes_and_records(tmp_path):
+    """The out-of-core benchmark on tiny shapes: the large run's every step (checkpoint, preflight,
+    sampled run, kill -9 halfway through a layer, resume, streamed eval, record, plot)."""
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_out_of_core.py"), "--shape", "tiny", "--root", str(tmp_path / "root"),
+                           "--results", str(results), "--methods", "magnitude", "--kill-after", "3", "--interval", "0.2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec == json.loads((results / "out_of_core.jsonl").read_text().splitlines()[-1])
+    for key in ("method", "checkpoint_bytes", "ram_bytes", "peak_rss_bytes", "wall_s", "preflight_host_bytes", "preflight_wall_s",
+                "bytes_read", "bytes_written", "peak_uss_bytes", "peak_page_cache_bytes", "lost_s"):
+        assert rec[key] is not None, key
+    assert rec["method"] == "magnitude" and abs(rec["achieved_ratio"] - 0.2) < 0.01
+    assert rec["killed_at_s"] > 0 and rec["resumed_from_layer"] == 3  # continued from the layer in flight, not from zero
+    assert len(rec["peak_rss_bytes_per_process"]) == 2 and all(p > 0 for p in rec["peak_rss_bytes_per_process"])
+    assert rec["bytes_written"] >= rec["output_bytes"] > 0
+    assert rec["eval_windows"] == 4 and 1 < rec["eval_ppl"] < 1e5
+    timeline = json.loads((results / "out_of_core_tiny_magnitude.json").read_text())
+    assert [r["layer"] for r in timeline["layers"]] == list(range(6))  # layers 0-2 by the killed process, 3-5 by the resume
+    assert (results / "out_of_core_memory_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -92,6 +92,10 @@ class Magnitude(Method):
         keep = keep_indices(scores, self.n_prune[layer_idx])
         return Decision(self.specs[layer_idx], slice_ffn(weights, keep), info={"ffn_kept": int(keep.numel())})
 
+    def workspace_bytes(self, shapes: ModelShapes) -> int:
+        """No factorisation: the squares of the largest FFN matrix in fp32 while scoring."""
+        return 4 * shapes.hidden_size * shapes.intermediate_size
+
     def config_dict(self) -> dict:
         out = super().config_dict()
         if out.get("ffn_multiple") == 1:  # the default: fingerprints of runs before the option stay as they were

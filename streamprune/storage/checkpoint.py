@@ -64,6 +64,9 @@ def read_text(path: Path, what: str) -> str:
         raise CheckpointError(f"{path} cannot be read ({e.strerror}); {what}") from e
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 class CheckpointReader:
     """Tensor name -> shard map over a Hugging Face safetensors checkpoint folder."""
 
@@ -165,6 +168,14 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
             return tuple(f.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's storage dtype, from its shard's header (no tensor data is read)."""
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            code = f.get_slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.folder} has dtype {code}; streamprune reads F32, F16 and BF16 weights")
+        return SAFETENSORS_DTYPES[code]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read ``names`` (each once), grouped by shard; handles are closed afterwards."""
