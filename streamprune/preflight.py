@@ -40,7 +40,7 @@ class Forecast:
     method_tflop: float = 0.0  # the method's own extra compute (cascade: reconstruction), whole run
     method_s: float = 0.0  # ... at the measured fp32 matmul throughput of the device
     forward_tflop: float = 0.0  # the layer passes over the calibration tokens, whole run
-    wall_s: float = 0.0  # (forward + method compute) at the measured matmul throughput; excludes storage I/O
+    wall_s: float = 0.0  # forward + method compute at the measured matmul rate + what is written at the measured disk rate
 
 
     def as_dict(self) -> dict:
@@ -99,10 +99,11 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     tokens = nsamples * seqlen
     dense_layer = shapes.dense_spec().num_params()
     forward_flop = 2 * tokens * sum(dense_layer * (dense_passes + int(survey)) + spec.num_params() * pruned_passes for spec in specs)
-    flops = matmul_flops(device)
+    flops = matmul_flops(device, min(tokens, 2048), shapes.hidden_size, min(shapes.intermediate_size, 4096))
     probe = work_dir
     while not probe.exists():
         probe = probe.parent
+    written = output + 2 * boundary * shapes.num_layers * (1 + extra_streams)  # the output and each stream's boundaries
     return Forecast(
         params_dense=shapes.total_params(),
         params_pruned=shapes.total_params(specs),
@@ -117,23 +118,46 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
         method_tflop=round(method_flop / 1e12, 3),
         method_s=round(method_flop / flops, 3) if method_flop else 0.0,
         forward_tflop=round(forward_flop / 1e12, 3),
-        wall_s=round((forward_flop + method_flop) / flops, 1),
+        wall_s=round((forward_flop + method_flop) / flops + written / write_rate(probe), 1),
     )
 
 
-def matmul_flops(device: torch.device, n: int = 1024, seconds: float = 0.2) -> float:
-    """Measured fp32 matmul throughput of ``device`` (FLOP/s): a ~0.2 s probe, for time forecasts."""
+def matmul_flops(device: torch.device, m: int = 1024, k: int = 1024, n: int = 1024, seconds: float = 0.2) -> float:
+    """Measured fp32 matmul throughput of ``device`` (FLOP/s) on an (m, k) @ (k, n) product: a
+    ~0.2 s probe, for time forecasts (shaped like a layer's largest product: a small square
+    one underestimates a CPU by ~2x)."""
     import time
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
     (a @ b).sum().item()  # warm-up (and CUDA init)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         c = a @ b
         reps += 1
     float(c[0, 0])  # synchronise
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return 2 * m * k * n * reps / (time.perf_counter() - t0)
+
+
+def write_rate(folder: Path, size: int = 64 << 20) -> float:
+    """Measured bytes/s of a write + fsync of ``size`` bytes in ``folder`` (the probe file is removed)."""
+    import os
+    import time
+
+    path = folder / f".streamprune-write-probe-{os.getpid()}"
+    block = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    try:
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return size / (time.perf_counter() - t0)
+    except OSError:  # read-only or full: no I/O term rather than a failed dry run
+        return float("inf")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def fit_chunk_rows(shapes: ModelShapes, chunk_rows: int, seqlen: int, itemsize: int, workspace: int, budget: int | None) -> int:
