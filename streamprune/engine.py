@@ -68,6 +68,9 @@ def plan(cfg: PruneConfig):
         raise ConfigError(f"--seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {shapes.max_position_embeddings}")
     method = build_method(cfg.method, cfg.ratio, cfg.method_options)
     if cfg.format == "nemotron-nas":
+        from .formats.nemotron_nas import check_block
+
+        check_block(shapes.dense_spec())
         method = servable_method(cfg, method)
     method.plan(shapes, survey=None)
     return adapter, shapes, method, method.planned_specs(shapes)

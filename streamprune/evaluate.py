@@ -110,9 +110,7 @@ def _perplexity(cfg: EvalConfig, ranks: Ranks) -> dict:
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
     head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    norm = LlamaRMSNorm(adapter.config.hidden_size, eps=adapter.config.rms_norm_eps).to(device, dtype)
+    norm = adapter.final_norm(device, dtype)
     norm.weight.copy_(outer["model.norm.weight"])
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     chunk_rows = max(1, cfg.chunk_tokens // cfg.seqlen)

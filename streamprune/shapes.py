@@ -22,6 +22,8 @@ class ModelShapes:
     qkv_bias: bool = False
     o_bias: bool = False
     max_position_embeddings: int = 2048
+    qk_norm: str = "none"  # LayerSpec.qk_norm of the dense block
+    norm_placement: str = "pre"  # LayerSpec.norm_placement of the dense block
 
     @property
     def heads_per_group(self) -> int:
@@ -36,6 +38,8 @@ class ModelShapes:
             self.intermediate_size,
             qkv_bias=self.qkv_bias,
             o_bias=self.o_bias,
+            qk_norm=self.qk_norm,
+            norm_placement=self.norm_placement,
         )
 
     def outer_params(self) -> int:

@@ -6,7 +6,15 @@ pruned-model class (``streamprune/modeling/modeling_streamprune.py``) builds fro
 
 Tensor names of a pruned layer (under ``model.layers.{i}.``), PyTorch ``W[out, in]``:
 
-- ``input_layernorm.weight`` (d), ``post_attention_layernorm.weight`` (d)
+- norms, by ``norm_placement``: ``"pre"`` (Llama, Qwen2/3, Mistral: before each sub-block)
+  ``input_layernorm.weight`` (d) and ``post_attention_layernorm.weight`` (d, before the MLP);
+  ``"post"`` (OLMo 2: on each sub-block's output, before the residual add)
+  ``post_attention_layernorm.weight`` (d) and ``post_feedforward_layernorm.weight`` (d)
+- q/k RMSNorms between the projection and RoPE, by ``qk_norm`` (only when the layer has
+  heads): ``"head"`` (Qwen3: one weight per head dim, shared by all heads)
+  ``self_attn.q_norm.weight`` / ``self_attn.k_norm.weight`` (head_dim); ``"proj"`` (OLMo 2:
+  over the whole projection) ``self_attn.q_norm.weight`` (num_heads*head_dim) and
+  ``self_attn.k_norm.weight`` (num_kv_heads*head_dim); ``"none"``: no tensor
 - projection P in {q,k,v,o}: dense ``self_attn.P_proj.weight`` (+ ``.bias``), or, when
   ``P_rank`` is set, a factor pair ``self_attn.P_proj.down.weight`` (r, in) and
   ``self_attn.P_proj.up.weight`` (out, r) (+ ``self_attn.P_proj.up.bias``).
@@ -26,7 +34,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-SPEC_VERSION = 1
+# 2: ``qk_norm`` and ``norm_placement``. A spec dict without them (version 1: every output
+# written before) is today's Llama block; ``to_dict`` omits them at those defaults, so
+# Llama-family specs serialise exactly as in version 1.
+SPEC_VERSION = 2
+QK_NORMS = ("none", "head", "proj")
+NORM_PLACEMENTS = ("pre", "post")
+_V1_DEFAULTS = {"qk_norm": "none", "norm_placement": "pre"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +61,14 @@ class LayerSpec:
     o_bias: bool = False
     down_bias: bool = False
     bypass_rank: int = 0  # LC low-rank FFN bypass rank (0 = none)
+    qk_norm: str = "none"  # RMSNorm on q/k before RoPE: "none", "head" (per head dim), "proj" (whole projection)
+    norm_placement: str = "pre"  # "pre": norms before the sub-blocks; "post": on their outputs
 
     def __post_init__(self) -> None:
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"LayerSpec.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"LayerSpec.norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v < 0:
@@ -69,6 +89,8 @@ class LayerSpec:
         intermediate_size: int,
         qkv_bias: bool = False,
         o_bias: bool = False,
+        qk_norm: str = "none",
+        norm_placement: str = "pre",
     ) -> "LayerSpec":
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -81,6 +103,8 @@ class LayerSpec:
             intermediate_size=intermediate_size,
             qkv_bias=qkv_bias,
             o_bias=o_bias,
+            qk_norm=qk_norm,
+            norm_placement=norm_placement,
         )
 
     # ---- derived shapes -------------------------------------------------------------
@@ -107,10 +131,15 @@ class LayerSpec:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the layer, name (relative to ``model.layers.{i}.``) -> shape."""
         d = self.hidden_size
+        second = "post_feedforward_layernorm" if self.norm_placement == "post" else "input_layernorm"
         out: dict[str, tuple[int, ...]] = {
-            "input_layernorm.weight": (d,),
+            f"{second}.weight": (d,),
             "post_attention_layernorm.weight": (d,),
         }
+        if self.num_heads and self.qk_norm != "none":
+            per_head = self.qk_norm == "head"
+            out["self_attn.q_norm.weight"] = (self.head_dim if per_head else self.num_heads * self.head_dim,)
+            out["self_attn.k_norm.weight"] = (self.head_dim if per_head else self.num_kv_heads * self.head_dim,)
         if self.num_heads:
             for p in ("q", "k", "v", "o"):
                 m, n = self.proj_shape(p)
@@ -151,7 +180,8 @@ class LayerSpec:
 
     # ---- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, except the version-2 ones at their defaults (a Llama block's dict is version 1's)."""
+        return {k: v for k, v in asdict(self).items() if _V1_DEFAULTS.get(k, object()) != v}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerSpec":

@@ -17,7 +17,8 @@ def position_embeddings(rotary, seqlen: int, device, dtype) -> tuple[torch.Tenso
     """(cos, sin), each (1, seqlen, head_dim), shared by every chunk of every layer."""
     pos = torch.arange(seqlen, device=device)[None]
     dummy = torch.zeros(1, seqlen, 1, device=device, dtype=dtype)
-    return rotary(dummy, pos)
+    cos, sin = rotary(dummy, pos)  # OLMo 2's rotary returns float32 whatever the dtype
+    return cos.to(dtype), sin.to(dtype)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
     if method.needs_survey:
         results, h = [], hidden
         for i, hf_layer in enumerate(model.model.layers):
-            layer = DecoderLayer(hf_layer, i)
+            layer = DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]))
             weights = dict(hf_layer.state_dict())
             obs = method.survey_observer(i, weights)
             with observing(layer, obs):
@@ -41,7 +41,7 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
         method.plan(shapes, survey=results)
     decisions, dense_hidden, seen = [], hidden, hidden  # seen: what passes A/B observe
     for i, hf_layer in enumerate(model.model.layers):
-        layer = DecoderLayer(hf_layer, i)
+        layer = DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]))
         dense_out = layer(dense_hidden, pe) if method.needs_dense_stream else None
         weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
         obs = method.observer(i, "A", weights)

@@ -30,10 +30,12 @@ def tiny_tokenizer(vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128, tie: bool = False):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128, tie: bool = False,
+                **extra):
+    """``extra``: further fields of the architecture's config (e.g. Qwen3's ``head_dim``)."""
+    from transformers import LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config, "olmo2": Olmo2Config}[arch]
     return cls(
         vocab_size=len(tiny_tokenizer()),
         hidden_size=hidden,
@@ -44,10 +46,13 @@ def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: i
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         rms_norm_eps=1e-6,
+        **extra,
     )
 
 
-def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, shards: int = 3, **kw) -> Path:
+def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, shards: int = 3, random_norms: bool = False, **kw) -> Path:
+    """``random_norms``: norm weights drawn around 1 (else ones), so that a norm applied in the
+    wrong place, or copied wrong, shows in the logits."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
@@ -60,6 +65,8 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, shards: in
                 p.normal_(0, 1.0 / math.sqrt(p.shape[1]))
             elif "bias" in name:
                 p.normal_(0, 0.02)
+            elif random_norms and name.endswith("norm.weight"):
+                p.normal_(1.0, 0.2)
     total = sum(p.numel() * 4 for p in model.parameters())
     model.save_pretrained(folder, max_shard_size=max(total // (shards + 1), 1))
     tiny_tokenizer().save_pretrained(folder)

@@ -1,4 +1,6 @@
-"""Adapter for the Llama family: Llama 1/2/3, Mistral, Qwen2 (q/k/v bias), SmolLM2.
+"""Adapter for the Llama family: Llama 1/2/3, Mistral, Qwen2 (q/k/v bias), SmolLM2, and the
+blocks that differ from it only by their norms: Qwen3 (per-head q/k RMSNorm) and OLMo 2
+(post-norms, q/k RMSNorm over the whole projection).
 
 The only module that spells checkpoint paths such as ``model.layers.{i}.self_attn.q_proj``.
 A dense layer is the ``transformers`` decoder-layer class itself, built on the meta
@@ -7,13 +9,14 @@ and the attention kernel come from transformers. A pruned layer (from a streampr
 output folder) is the ``StreamPruneDecoderLayer`` of our modeling file.
 
 To add an architecture with the same block structure: add its ``model_type`` to
-``LAYER_CLASSES`` below. A different block structure needs its own adapter file and a
-line in ``streamprune/adapters/__init__.py``.
+``LAYER_CLASSES`` below, and to ``BLOCKS`` when its norms differ from Llama's. A different
+block structure needs its own adapter file and a line in ``streamprune/adapters/__init__.py``.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +33,23 @@ LAYER_CLASSES = {
     "llama": ("transformers.models.llama.modeling_llama", "LlamaDecoderLayer", "LlamaRotaryEmbedding"),
     "mistral": ("transformers.models.mistral.modeling_mistral", "MistralDecoderLayer", "MistralRotaryEmbedding"),
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2DecoderLayer", "Qwen2RotaryEmbedding"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3DecoderLayer", "Qwen3RotaryEmbedding"),
+    "olmo2": ("transformers.models.olmo2.modeling_olmo2", "Olmo2DecoderLayer", "Olmo2RotaryEmbedding"),
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    """How a model type's block differs from Llama's (``LayerSpec.qk_norm`` / ``norm_placement``)."""
+
+    qk_norm: str = "none"
+    norm_placement: str = "pre"
+    norm_scale_in_fp32: bool = False  # RMSNorm scales before casting back (StreamPruneRMSNorm)
+
+
+BLOCKS = {
+    "qwen3": Block(qk_norm="head"),
+    "olmo2": Block(qk_norm="proj", norm_placement="post", norm_scale_in_fp32=True),
 }
 SUPPORTED = sorted(LAYER_CLASSES) + ["streamprune (a streamprune output)"]
 
@@ -49,22 +69,33 @@ TAPS = {
     "mlp": "mlp",
     "layer": "",
 }
+# Post-norm blocks (OLMo 2): what reaches the residual is the norm of the sub-block's output,
+# so the attention and FFN output taps read their output after it: (input module, output module).
+POST_NORM_TAPS = {
+    **TAPS,
+    "o_proj": ("self_attn.o_proj", "post_attention_layernorm"),
+    "mlp": ("mlp", "post_feedforward_layernorm"),
+}
 
 
 class DecoderLayer(nn.Module):
     """One decoder layer with the engine's calling convention: ``(hidden, (cos, sin)) -> hidden``."""
 
-    def __init__(self, inner: nn.Module, index: int = -1):
+    def __init__(self, inner: nn.Module, index: int = -1, taps: dict | None = None):
         super().__init__()
         self.inner = inner
         self.index = index
+        self.taps = TAPS if taps is None else taps
 
     def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=None)
         return out[0] if isinstance(out, tuple) else out
 
-    def tap(self, name: str) -> nn.Module:
-        return self.inner.get_submodule(TAPS[name])
+    def tap(self, name: str) -> tuple[nn.Module, nn.Module]:
+        """(module whose input is the tap's input, module whose output is the tap's output)."""
+        path = self.taps[name]
+        source, sink = (path, path) if isinstance(path, str) else path
+        return self.inner.get_submodule(source), self.inner.get_submodule(sink)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The layer's state under the checkpoint's names (relative to ``model.layers.{i}.``)."""
@@ -74,6 +105,8 @@ class DecoderLayer(nn.Module):
 class LlamaFamilyAdapter:
     """Reads and builds layers of a dense Llama-family checkpoint (or a streamprune output)."""
 
+    block = Block()
+
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
         model_type = reader.config_dict["model_type"]
@@ -82,11 +115,13 @@ class LlamaFamilyAdapter:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
         self.model_type = model_type
+        self.block = BLOCKS.get(model_type, Block())
         check_config_values(reader.config_dict, reader.folder / "config.json", dense=model_type != "streamprune")
         self.config = self._load_config()
         self.pruned = model_type == "streamprune"
         if self.pruned:
             self.specs = [LayerSpec.from_dict(d) for d in self.config.layer_specs]
+            self.block = Block(self.specs[0].qk_norm, self.specs[0].norm_placement, bool(self.config.norm_scale_in_fp32))
         else:
             self._check_supported_options()
             self.specs = [self.shapes().dense_spec()] * self.config.num_hidden_layers
@@ -163,6 +198,8 @@ class LlamaFamilyAdapter:
             qkv_bias=qkv_bias,
             o_bias=self.model_type != "qwen2" and bool(getattr(c, "attention_bias", False)),
             max_position_embeddings=getattr(c, "max_position_embeddings", 2048),
+            qk_norm=self.block.qk_norm,
+            norm_placement=self.block.norm_placement,
         )
 
     @property
@@ -208,7 +245,17 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i).eval()
+        return DecoderLayer(layer, i, self.taps(self.specs[i])).eval()
+
+    @staticmethod
+    def taps(spec: LayerSpec) -> dict:
+        """The observer taps of a layer of ``spec``'s block kind."""
+        return POST_NORM_TAPS if spec.norm_placement == "post" else TAPS
+
+    def final_norm(self, device, dtype) -> nn.Module:
+        """The model's final RMSNorm (its weight still to be loaded), as the architecture computes it."""
+        return sp.StreamPruneRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps,
+                                     scale_in_fp32=self.block.norm_scale_in_fp32).to(device, dtype)
 
     def build_pruned_layer(self, i: int, spec: LayerSpec, tensors: dict[str, torch.Tensor], device, dtype) -> DecoderLayer:
         """A pruned layer (our modeling class) from a decision's spec and tensors."""
@@ -217,7 +264,7 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"pruned layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i).eval()
+        return DecoderLayer(layer, i, self.taps(spec)).eval()
 
     def rotary(self, device) -> nn.Module:
         if self.pruned:

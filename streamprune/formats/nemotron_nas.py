@@ -74,10 +74,24 @@ def _head_dim(cfg) -> int:
     return _get(cfg, "head_dim") or _get(cfg, "hidden_size") // _get(cfg, "num_attention_heads")
 
 
+def check_block(spec: LayerSpec) -> None:
+    """Raise :class:`~streamprune.errors.ConfigError` (one line) if the block kind has norms the
+    nemotron-nas schema has no place for: q/k norms (Qwen3, OLMo 2), post-norms (OLMo 2)."""
+    if spec.qk_norm != "none":
+        where = "each head's" if spec.qk_norm == "head" else "the whole projection's"
+        raise ConfigError(f"qk_norm={spec.qk_norm!r} (an RMSNorm over {where} queries and keys before RoPE) has no place in "
+                          "nemotron-nas (DeciLM blocks have none): use --format streamprune")
+    if spec.norm_placement != "pre":
+        raise ConfigError(f"norm_placement={spec.norm_placement!r} (norms on the attention and FFN outputs) has no place in "
+                          "nemotron-nas (DeciLM blocks normalise their inputs): use --format streamprune")
+
+
 def check_fits(specs: list[LayerSpec], source_cfg) -> None:
     """Raise :class:`~streamprune.errors.ConfigError` (one line: the first layer and field
     that does not fit, what to do) unless every layer of ``specs`` can be written as
     nemotron-nas. ``source_cfg``: the model's config (dict or transformers config)."""
+    for spec in specs[:1]:  # the block kind is the model's
+        check_block(spec)
     d, heads = _get(source_cfg, "hidden_size"), _get(source_cfg, "num_attention_heads")
     hd = _head_dim(source_cfg)
     if d % heads or hd != d // heads:

@@ -24,6 +24,8 @@ Taps (``Observer.taps``) name modules; the engine resolves them on the dense lay
 ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``, ``mlp``, ``layer``.
 For each tap and chunk the observer gets ``(x_in, y_out)`` flattened to
 (tokens, features), in the activation dtype; it accumulates in fp32.
+On a post-norm block (OLMo 2) ``o_proj`` and ``mlp`` give their input and the output of the
+norm that follows them (what reaches the residual), not the projection's own output.
 
 Weights (``weights`` argument) are the layer's tensors named relative to
 ``model.layers.{i}.`` in the *pruned-model* naming of :mod:`streamprune.spec` (for a

@@ -7,7 +7,12 @@ does); never import ``streamprune`` here.
 Per-layer shapes come from ``config.layer_specs``: one dict per layer with exactly the
 fields of ``streamprune.spec.LayerSpec`` (hidden_size, num_kv_heads, heads_per_group,
 head_dim, v_head_dim, intermediate_size, q_rank, k_rank, v_rank, o_rank, qkv_bias, o_bias,
-down_bias, bypass_rank).
+down_bias, bypass_rank, qk_norm, norm_placement). A dict without ``qk_norm`` /
+``norm_placement`` (every output written before they existed) is a Llama block: no q/k
+norm, norms before the sub-blocks; ``config.json`` lists them only where they differ.
+
+``norm_scale_in_fp32``: the RMSNorms multiply by their weight before casting back to the
+activation dtype (OLMo 2) instead of after (Llama, Qwen2/3, Mistral); equal in float32.
 
 The attention window is the source's: ``layer_types[i]`` is ``"sliding_attention"``
 where the source architecture applies ``sliding_window`` to layer ``i`` (Mistral: every
@@ -37,7 +42,14 @@ _OPTIONAL_SPEC_FIELDS = {
     "o_bias": False,
     "down_bias": False,
     "bypass_rank": 0,
+    "qk_norm": "none",
+    "norm_placement": "pre",
 }
+# Written to config.json only where they differ from these (outputs of Llama-family sources
+# keep the layer_specs they always had).
+_OMITTED_AT_DEFAULT = {"qk_norm": "none", "norm_placement": "pre"}
+# Source model types whose RMSNorm scales by its weight in float32 before casting back.
+_NORM_SCALE_IN_FP32 = ("olmo2",)
 
 # Source-config attributes carried over by StreamPruneConfig.from_source.
 _CARRIED_FIELDS = (
@@ -85,6 +97,11 @@ def source_attention_window(source_config) -> tuple[int | None, list[str] | None
     return int(window), layer_types
 
 
+def compact_spec_dict(spec) -> dict:
+    """:func:`layer_spec_dict` without the fields that sit at their version-1 defaults."""
+    return {k: v for k, v in layer_spec_dict(spec).items() if _OMITTED_AT_DEFAULT.get(k, object()) != v}
+
+
 def layer_spec_dict(spec) -> dict:
     """Normalise a layer spec (dict, or an object with ``to_dict()`` such as LayerSpec).
 
@@ -120,6 +137,7 @@ class StreamPruneConfig(LlamaConfig):
     source_model_type: str = "llama"
     sliding_window: int | None = None
     layer_types: list[str] | None = None
+    norm_scale_in_fp32: bool = False
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:
@@ -141,8 +159,9 @@ class StreamPruneConfig(LlamaConfig):
         if dtype is not None:
             kwargs["dtype"] = str(dtype).removeprefix("torch.")
         kwargs["source_model_type"] = getattr(source_config, "model_type", "llama")
+        kwargs["norm_scale_in_fp32"] = bool(getattr(source_config, "norm_scale_in_fp32", kwargs["source_model_type"] in _NORM_SCALE_IN_FP32))
         kwargs["sliding_window"], kwargs["layer_types"] = source_attention_window(source_config)
-        kwargs["layer_specs"] = [layer_spec_dict(s) for s in layer_specs]
+        kwargs["layer_specs"] = [compact_spec_dict(s) for s in layer_specs]
         kwargs["num_hidden_layers"] = len(kwargs["layer_specs"])
         if kwargs["layer_types"] is not None and len(kwargs["layer_types"]) != kwargs["num_hidden_layers"]:
             raise ValueError(

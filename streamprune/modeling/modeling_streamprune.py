@@ -33,6 +33,11 @@ caches are not supported). Tested on transformers 5.24 and 5.17 (the GPU image's
   ``cache_position`` is not used (transformers 5 models derive it from the cache).
 - The decoder layer called standalone (the streaming engine: ``attention_mask=None``,
   no cache) is plain causal attention over its input.
+- Block kinds (per layer spec): ``norm_placement`` "pre" (Llama, Qwen2/3, Mistral:
+  ``h = x + attn(norm(x)); h + mlp(norm(h))``) or "post" (OLMo 2:
+  ``h = x + norm(attn(x)); h + norm(mlp(h))``); ``qk_norm`` "head" (Qwen3: RMSNorm over each
+  head's dims, one weight shared by all heads) or "proj" (OLMo 2: over the whole q and the
+  whole k projection), applied to the (possibly low-rank) projection's output, before RoPE.
 """
 
 import math
@@ -84,18 +89,26 @@ def _projection(in_features: int, out_features: int, rank: int | None, bias: boo
 
 
 class StreamPruneRMSNorm(nn.Module):
-    """Llama/Qwen2/Mistral RMSNorm: normalise in fp32, cast back, scale."""
+    """RMSNorm: normalise in fp32, cast back, scale (Llama/Qwen/Mistral); with
+    ``scale_in_fp32``, scale in fp32, then cast back (OLMo 2)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, scale_in_fp32: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.scale_in_fp32 = scale_in_fp32
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.scale_in_fp32:
+            return (self.weight * h).to(input_dtype)
         return self.weight * h.to(input_dtype)
+
+
+def _rms_norm(config, size: int) -> StreamPruneRMSNorm:
+    return StreamPruneRMSNorm(size, eps=config.rms_norm_eps, scale_in_fp32=bool(getattr(config, "norm_scale_in_fp32", False)))
 
 
 class StreamPruneAttention(nn.Module):
@@ -125,6 +138,11 @@ class StreamPruneAttention(nn.Module):
         self.k_proj = _projection(d, g * self.head_dim, s["k_rank"], s["qkv_bias"])
         self.v_proj = _projection(d, g * self.v_head_dim, s["v_rank"], s["qkv_bias"])
         self.o_proj = _projection(h * self.v_head_dim, d, s["o_rank"], s["o_bias"])
+        self.qk_norm = s["qk_norm"]
+        if self.qk_norm != "none":  # "head": over head_dim, shared by the heads; "proj": over the whole projection
+            per_head = self.qk_norm == "head"
+            self.q_norm = _rms_norm(config, self.head_dim if per_head else h * self.head_dim)
+            self.k_norm = _rms_norm(config, self.head_dim if per_head else g * self.head_dim)
 
     def forward(
         self,
@@ -144,8 +162,15 @@ class StreamPruneAttention(nn.Module):
                 return torch.zeros_like(hidden_states)
             return self.o_proj(hidden_states)
         bsz, seq_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(hidden_states)  # (B, T, H*hd)
+        k = self.k_proj(hidden_states)  # (B, T, G*hd)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(bsz, seq_len, self.num_heads, self.head_dim)
+        k = k.view(bsz, seq_len, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, G, T, hd)
         v = self.v_proj(hidden_states).view(bsz, seq_len, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (B, H, T, hd), (B, G, T, hd)
@@ -190,17 +215,22 @@ class StreamPruneMLP(nn.Module):
 
 
 class StreamPruneDecoderLayer(nn.Module):
-    """Pre-norm residual block. Usable standalone (the streaming engine builds one at a time)."""
+    """Residual block with pre- or post-norms (``norm_placement``). Usable standalone (the
+    streaming engine builds one at a time)."""
 
     def __init__(self, config: StreamPruneConfig, spec, layer_idx: int | None = None) -> None:
         super().__init__()
         s = layer_spec_dict(spec)
         d = s["hidden_size"]
         self.layer_idx = layer_idx
-        self.input_layernorm = StreamPruneRMSNorm(d, eps=config.rms_norm_eps)
+        self.post_norms = s["norm_placement"] == "post"
+        if not self.post_norms:
+            self.input_layernorm = _rms_norm(config, d)
         self.self_attn = StreamPruneAttention(config, s, layer_idx)
-        self.post_attention_layernorm = StreamPruneRMSNorm(d, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = _rms_norm(config, d)  # "pre": the MLP's input norm; "post": the attention output's
         self.mlp = StreamPruneMLP(config, s)
+        if self.post_norms:
+            self.post_feedforward_layernorm = _rms_norm(config, d)
 
     def forward(
         self,
@@ -210,6 +240,9 @@ class StreamPruneDecoderLayer(nn.Module):
         cache: Cache | None = None,
     ) -> torch.Tensor:
         """(B, T, d) -> (B, T, d); ``position_embeddings`` = (cos, sin) from the rotary module."""
+        if self.post_norms:
+            h = hidden_states + self.post_attention_layernorm(self.self_attn(hidden_states, position_embeddings, attention_mask, cache))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
         attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
         h = hidden_states + attn
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -242,7 +275,7 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
         self.layers = nn.ModuleList(
             [StreamPruneDecoderLayer(config, config.get_layer_spec(i), i) for i in range(config.num_hidden_layers)]
         )
-        self.norm = StreamPruneRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = _rms_norm(config, config.hidden_size)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 

@@ -263,7 +263,8 @@ class Olica(Method):
         hpg, h, seed = s.heads_per_group, s.head_dim, layer_idx
         spec = self._layer_spec(s, layer_idx)
         ev, ex, eh = observer.e["v_proj"], observer.e["gate_proj"], observer.e["down_proj"]
-        out: dict[str, Tensor] = {n: weights[n] for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}
+        # every norm as is (block norms, q/k norms: Olica keeps every head, so a whole-projection q/k norm stays whole)
+        out: dict[str, Tensor] = {n: w for n, w in weights.items() if n.endswith("norm.weight")}
 
         for proj, rank in (("q", p.q_rank), ("k", p.k_rank)):  # activation-weighted SVD
             w = weights[f"self_attn.{proj}_proj.weight"]

@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ...errors import NumericalError, RatioError
+from ...errors import NumericalError, RatioError, UnsupportedArchitectureError
 from ...shapes import ModelShapes
 from ...spec import LayerSpec
 from ..base import Decision, Method
@@ -183,6 +183,11 @@ class SlimLLM(Method):
     def plan(self, shapes: ModelShapes, survey: list[dict[str, Tensor]] | None = None) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise RatioError(f"--ratio must be in [0, 1) for method slimllm, got {self.ratio}")
+        if shapes.qk_norm == "proj":
+            raise UnsupportedArchitectureError(
+                "--method slimllm removes attention heads, and this model's q/k RMSNorm spans the whole projection (OLMo 2): "
+                "removing heads changes its RMS denominator, so the kept heads' queries and keys would change; use --method "
+                "cascade, olica, lorap or magnitude")
         L, cfg = shapes.num_layers, self.config
         alpha, n_p_frac = cfg.regime(self.ratio)
         n_p = min(L, max(1, round(n_p_frac * L)))

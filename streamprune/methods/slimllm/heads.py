@@ -114,7 +114,10 @@ def fold_regression(weight: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = 
 
 
 def slice_heads(weights: dict[str, Tensor], kept: list[int], num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Tensor]:
-    """Keep query heads ``kept`` (their q rows, o columns) and the KV groups they use."""
+    """Keep query heads ``kept`` (their q rows, o columns) and the KV groups they use.
+
+    q/k norms: one over each head's dims (shared by every head) stays whole; one over the
+    whole projection (its size H·h, resp. G·h) keeps the kept heads' (groups') entries."""
     hpg, h = num_heads // num_kv_heads, head_dim
     out = {k: v for k, v in weights.items() if not k.startswith("self_attn.")}
     if "self_attn.o_proj.bias" in weights:
@@ -129,5 +132,9 @@ def slice_heads(weights: dict[str, Tensor], kept: list[int], num_heads: int, num
             name = f"self_attn.{p}_proj.{kind}"
             if name in weights:
                 out[name] = weights[name][rows].contiguous()
+    for p, rows, n in (("q", q_rows, num_heads), ("k", kv_rows, num_kv_heads)):
+        norm = weights.get(f"self_attn.{p}_norm.weight")
+        if norm is not None:
+            out[f"self_attn.{p}_norm.weight"] = norm[rows].contiguous() if norm.numel() == n * h and n > 1 else norm
     out["self_attn.o_proj.weight"] = weights["self_attn.o_proj.weight"][:, q_rows].contiguous()
     return out
