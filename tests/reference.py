@@ -32,8 +32,7 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
     if method.needs_survey:
         results, h = [], hidden
         for i, hf_layer in enumerate(model.model.layers):
-            layer = DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]))
-            weights = dict(hf_layer.state_dict())
+            layer, weights = _block(adapter, hf_layer, i)
             obs = method.survey_observer(i, weights)
             with observing(layer, obs):
                 h = layer(h, pe)
@@ -41,9 +40,9 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
         method.plan(shapes, survey=results)
     decisions, dense_hidden, seen = [], hidden, hidden  # seen: what passes A/B observe
     for i, hf_layer in enumerate(model.model.layers):
-        layer = DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]))
+        layer, weights = _block(adapter, hf_layer, i)
         dense_out = layer(dense_hidden, pe) if method.needs_dense_stream else None
-        weights = {k: v.clone() for k, v in hf_layer.state_dict().items()}
+        weights = {k: v.clone() for k, v in weights.items()}
         obs = method.observer(i, "A", weights)
         with observing(layer, obs):
             layer(seen, pe)
@@ -76,6 +75,17 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
             seen = hidden
         decisions.append(decision)
     return decisions
+
+
+def _block(adapter, hf_layer, i: int):
+    """(layer, its weights under the block's names): the transformers layer itself, or, where the
+    checkpoint's names are not the block's (Phi-3's fused q/k/v and gate/up), the adapter's
+    layer built from its split tensors."""
+    weights = dict(hf_layer.state_dict())
+    if set(weights) == set(adapter.skeleton(i).state_dict()):
+        return DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]), adapter.window(i)), weights
+    split = adapter.read_layer(i)
+    return adapter.build_layer(i, split, "cpu", torch.float32), split
 
 
 def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,10 @@ from ..storage.checkpoint import CheckpointReader, file_sha256
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from .llama import LAYER_CLASSES, SUPPORTED, LlamaFamilyAdapter
 from .nemotron_nas import NemotronNasAdapter
+from .phi3 import Phi3Adapter
 
-ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter, "nemotron-nas": NemotronNasAdapter}
+ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter, "nemotron-nas": NemotronNasAdapter,
+            "phi3": Phi3Adapter}
 
 
 def open_model(folder: str | Path) -> LlamaFamilyAdapter:

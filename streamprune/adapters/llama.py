@@ -10,7 +10,14 @@ output folder) is the ``StreamPruneDecoderLayer`` of our modeling file.
 
 To add an architecture with the same block structure: add its ``model_type`` to
 ``LAYER_CLASSES`` below, and to ``BLOCKS`` when its norms differ from Llama's. A different
-block structure needs its own adapter file and a line in ``streamprune/adapters/__init__.py``.
+block structure needs its own adapter file and a line in ``streamprune/adapters/__init__.py``
+(and in ``OWN_ADAPTERS`` below, for the list of supported types): e.g. ``phi3.py``, whose
+checkpoint fuses q/k/v and gate/up and which splits them into this block's names.
+
+Sliding-window attention: a layer the source runs with a window (Mistral, Qwen2/3 with
+``use_sliding_window``, Phi-3) is called with the window's mask whenever the sequence is
+longer than the window (the engine calls layers with ``attention_mask=None``, which SDPA
+runs as plain causal attention, ignoring the layer's ``sliding_window``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from transformers import AutoConfig, PretrainedConfig
 from ..storage.checkpoint import CheckpointReader
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from ..modeling import modeling_streamprune as sp
+from ..modeling.configuration_streamprune import source_attention_window
 from ..shapes import ModelShapes
 from ..spec import LayerSpec
 
@@ -51,7 +59,9 @@ BLOCKS = {
     "qwen3": Block(qk_norm="head"),
     "olmo2": Block(qk_norm="proj", norm_placement="post", norm_scale_in_fp32=True),
 }
-SUPPORTED = sorted(LAYER_CLASSES) + ["streamprune (a streamprune output)"]
+# Model types with their own adapter file built on this one (streamprune/adapters/__init__.py).
+OWN_ADAPTERS = ("phi3",)
+SUPPORTED = sorted([*LAYER_CLASSES, *OWN_ADAPTERS]) + ["streamprune (a streamprune output)"]
 
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
@@ -81,15 +91,30 @@ POST_NORM_TAPS = {
 class DecoderLayer(nn.Module):
     """One decoder layer with the engine's calling convention: ``(hidden, (cos, sin)) -> hidden``."""
 
-    def __init__(self, inner: nn.Module, index: int = -1, taps: dict | None = None):
+    def __init__(self, inner: nn.Module, index: int = -1, taps: dict | None = None, window: int | None = None):
         super().__init__()
         self.inner = inner
         self.index = index
         self.taps = TAPS if taps is None else taps
+        self.window = window  # the source's sliding window for this layer, or None
+        self._mask: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=None)
+        out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=self.window_mask(hidden))
         return out[0] if isinstance(out, tuple) else out
+
+    def window_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """None (causal attention) unless the layer has a window shorter than the sequence: then
+        transformers' sliding-window causal mask, (1, 1, T, T) bool, True = attend: query q sees
+        keys k with ``q - window < k <= q``."""
+        t = hidden.shape[1]
+        if self.window is None or t <= self.window:
+            return None
+        if self._mask is None or self._mask.shape[-1] != t or self._mask.device != hidden.device:
+            q = torch.arange(t, device=hidden.device)[:, None]
+            k = torch.arange(t, device=hidden.device)[None, :]
+            self._mask = ((k <= q) & (k > q - self.window))[None, None]
+        return self._mask
 
     def tap(self, name: str) -> tuple[nn.Module, nn.Module]:
         """(module whose input is the tap's input, module whose output is the tap's output)."""
@@ -106,11 +131,12 @@ class LlamaFamilyAdapter:
     """Reads and builds layers of a dense Llama-family checkpoint (or a streamprune output)."""
 
     block = Block()
+    model_types = (*LAYER_CLASSES, "streamprune")  # the model types this class reads
 
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
         model_type = reader.config_dict["model_type"]
-        if model_type not in LAYER_CLASSES and model_type != "streamprune":
+        if model_type not in self.model_types:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
@@ -159,7 +185,7 @@ class LlamaFamilyAdapter:
             have = f"layers 0-{max(present)} ({len(present)} layers)" if present and present == set(range(len(present))) else f"{len(present)} layers {sorted(present)[:6]}"
             raise CheckpointError(f"{folder}/config.json says num_hidden_layers={n} but the checkpoint has tensors for {have}: fix num_hidden_layers or re-download")
         shapes = {n[len(self.layer_prefix(0)):]: self.reader.shape(n) for n in self.reader.names_with_prefix(self.layer_prefix(0))}
-        expected = {k: tuple(v.shape) for k, v in self.skeleton(0).state_dict().items()}
+        expected = self.checkpoint_layer_shapes(0)
         c = self.config
         described = (f"hidden_size {c.hidden_size}, num_attention_heads {c.num_attention_heads}, num_key_value_heads "
                      f"{getattr(c, 'num_key_value_heads', None)}, head_dim {getattr(c, 'head_dim', None)}, intermediate_size {c.intermediate_size}")
@@ -176,6 +202,10 @@ class LlamaFamilyAdapter:
                     f"{name} has shape {self.reader.shape(name)} but {folder}/config.json (vocab_size {v}, hidden_size {d}) "
                     f"implies {want}: fix vocab_size / hidden_size in config.json"
                 )
+
+    def checkpoint_layer_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """Layer i's tensor shapes under the checkpoint's own names (relative to ``model.layers.{i}.``)."""
+        return {k: tuple(v.shape) for k, v in self.skeleton(i).state_dict().items()}
 
     def layers_with_tensors(self) -> set[int]:
         """Indices of the layers the checkpoint must hold tensors for (every layer here)."""
@@ -245,7 +275,14 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i, self.taps(self.specs[i])).eval()
+        return DecoderLayer(layer, i, self.taps(self.specs[i]), self.window(i)).eval()
+
+    def window(self, i: int) -> int | None:
+        """The sliding window the source applies in layer i, or None (full causal attention)."""
+        if self.pruned:
+            return self.config.layer_window(i) if hasattr(self.config, "layer_window") else None
+        window, layer_types = source_attention_window(self.config)
+        return window if layer_types is not None and layer_types[i] == "sliding_attention" else None
 
     @staticmethod
     def taps(spec: LayerSpec) -> dict:
@@ -264,7 +301,7 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"pruned layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i, self.taps(spec)).eval()
+        return DecoderLayer(layer, i, self.taps(spec), self.window(i)).eval()
 
     def rotary(self, device) -> nn.Module:
         if self.pruned:
@@ -319,7 +356,11 @@ def check_config_values(cfg: dict, path, dense: bool = True) -> None:
 
 def check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Names, shapes and dtypes of ``tensors`` must match ``module``'s state dict."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_tensor_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, tensors, where)
+
+
+def check_tensor_shapes(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Names and shapes of ``tensors`` must be ``expected``'s; floating-point dtypes."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
