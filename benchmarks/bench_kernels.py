@@ -200,7 +200,7 @@ def bench_obs(a: argparse.Namespace, device: torch.device, gen: torch.Generator)
     hd = damped(g, 0.01, dt)
     rows, alive = [], {}
     for name, flush in (("deferred", obs.FLUSH), ("eager", 1)):
-        t, (alive[name], _) = timeit(lambda fl=flush: obs._greedy(w, hd, n, 1, dt, None, flush=fl), device, 1, warmup=False)
+        t, (alive[name], _, _) = timeit(lambda fl=flush: obs._greedy(w, hd, n, 1, dt, None, flush=fl), device, 1, warmup=False)
         rows.append(dict(kernel=f"obs greedy, {name}", shape=f"f {f}, d {d}, {n} steps {str(dt).removeprefix('torch.')}",
                          ms=t * 1e3, flush=flush))
     rows[0]["speedup"] = rows[1]["ms"] / rows[0]["ms"]

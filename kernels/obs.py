@@ -50,8 +50,9 @@ FLUSH = 64  # pending removed columns at which the deferred downdates are applie
 
 
 def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype, protect: Tensor | None,
-            flush: int = FLUSH) -> tuple[Tensor, list[tuple[int, float]]]:
-    """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step]).
+            flush: int = FLUSH) -> tuple[Tensor, list[tuple[int, float]], Tensor]:
+    """The greedy OBS steps on damped ``h``: (alive mask, [(columns removed, cost) per step],
+    the removed columns in the order they left).
 
     The same steps as applying every downdate at once (``kernels.reference.obs_greedy_ref``),
     with the downdates deferred: ``Hinv`` and ``W`` are kept as of the last flush (``hinv``,
@@ -77,6 +78,7 @@ def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype,
     m = 0  # pending removed columns (rows used in the buffers)
     diag, norms = hinv.diagonal().clone(), cur.pow(2).sum(0)
     steps, left = [], n_remove
+    gone_all, removed = torch.empty(n_remove, dtype=torch.int64, device=w.device), 0
     while left > 0:
         k = min(block, left)
         single = norms / diag.clamp_min(tiny)
@@ -99,6 +101,7 @@ def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype,
         norms.add_(((ws.T @ ws) @ r - 2 * g).mul_(r).sum(0))  # ‖W_j − ws r_j‖² = ‖W_j‖² − 2 g_j·r_j + r_jᵀ wsᵀws r_j
         big_r[m:m + k], big_q[m:m + k], big_ws[:, m:m + k], gone[m:m + k] = r, q, ws, s
         m += k
+        gone_all[removed:removed + k], removed = s, removed + k
         alive[s] = False
         choosable[s] = False
         left -= k
@@ -109,7 +112,7 @@ def _greedy(w: Tensor, h: Tensor, n_remove: int, block: int, dtype: torch.dtype,
             cur.index_fill_(1, gone[:m], 0)
             m = 0
             diag, norms = hinv.diagonal().clone(), cur.pow(2).sum(0)  # exact again: no drift past a flush
-    return alive, steps
+    return alive, steps, gone_all[:n_remove]
 
 
 def _check(w: Tensor, gram: Tensor, n_remove: int, block: int, n_protect: int, name: str) -> None:
@@ -132,16 +135,31 @@ def obs_remove_columns(w: Tensor, gram: Tensor, n_remove: int, *, damp: float = 
     """
     _check(w, gram, n_remove, block, 0 if protect is None else int(protect.numel()), "obs_remove_columns")
     h = damped(gram.to(w.device), damp, dtype)
-    alive, steps = _greedy(w, h, n_remove, block, dtype, protect)
+    alive, steps, _ = _greedy(w, h, n_remove, block, dtype, protect)
     kept = alive.nonzero().squeeze(1)
     return kept, ls_kept_weights(w, h, kept).to(w.dtype), sum(c for _, c in steps)
 
 
 def obs_cost_curve(w: Tensor, gram: Tensor, n_max: int, *, damp: float = 0.01, block: int = 1,
-                   dtype: torch.dtype = torch.float64) -> Tensor:
+                   dtype: torch.dtype = torch.float64, with_order: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """(n_max + 1,) float64 ``e(k)``: the cost of removing ``k`` columns by greedy OBS, for every
-    ``k`` ≤ ``n_max`` (a step of ``block`` columns spreads its cost evenly over them)."""
+    ``k`` ≤ ``n_max`` (a step of ``block`` columns spreads its cost evenly over them).
+
+    ``with_order``: also the (n_max,) columns in the order they leave. Greedy steps do not
+    depend on how many follow, so removing ``k`` columns removes ``order[:k]`` (with ``block``
+    dividing ``k``): :func:`obs_remove_given` then solves the kept weights without another greedy run."""
     _check(w, gram, n_max, block, 0, "obs_cost_curve")
-    _, steps = _greedy(w, damped(gram.to(w.device), damp, dtype), n_max, block, dtype, None)
+    _, steps, order = _greedy(w, damped(gram.to(w.device), damp, dtype), n_max, block, dtype, None)
     per = [c / k for k, c in steps for _ in range(k)]
-    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(per, dtype=torch.float64), 0)])
+    curve = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(per, dtype=torch.float64), 0)])
+    return (curve, order) if with_order else curve
+
+
+def obs_remove_given(w: Tensor, gram: Tensor, removed: Tensor, *, damp: float = 0.01,
+                     dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """The kept columns (ascending) and their optimal weights (out, |kept|, ``w``'s dtype) once
+    the columns ``removed`` are gone: :func:`obs_remove_columns`' final solve for a given set."""
+    alive = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    alive[removed.to(w.device)] = False
+    kept = alive.nonzero().squeeze(1)
+    return kept, ls_kept_weights(w, damped(gram.to(w.device), damp, dtype), kept).to(w.dtype)

@@ -23,6 +23,7 @@ from .storage import atomic, writer
 from .run import runlock
 from .activation_streams import ActivationStreams
 from .storage.activations import ActivationCache
+from .forks import ForkSet, fork_chunk_rows
 from .adapters import load_tokenizer, open_model, tokenizer_digest
 from .storage.checkpoint import file_sha256
 from . import preflight
@@ -37,7 +38,7 @@ from .methods.base import Decision, LayerData, Method
 from .storage.prefetch import Prefetcher, stage_on_host, to_device
 from .spec import LayerSpec
 from .run.profile import GiB, LayerProfile, append_line, peak_rss_bytes
-from .stream import embed_to_boundary, position_embeddings, propagate
+from .stream import embed_to_boundary, final_head, position_embeddings, propagate
 from .inputs.textdata import calibration_windows, resolve_text_source
 
 
@@ -107,13 +108,19 @@ def servable_method(cfg: PruneConfig, method):
 
 
 @torch.no_grad()
-def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop) -> list[dict]:
+def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop,
+               forks: ForkSet | None = None, head=None) -> list[dict]:
     """Dense model over dense hidden states; per-layer results from the method.
 
     ``stop`` (the run's SIGINT/SIGTERM flag) is checked before every layer: the survey is
     journaled only whole, so a stop inside it ends the process at once (``Interrupted``) and
     the resumed run starts the survey again, instead of running it to its end first (on a 70B
-    model: 80 dense layers over the calibration set)."""
+    model: 80 dense layers over the calibration set).
+
+    ``forks`` (a method that ``needs_forks``): each layer's candidates fork the search rows'
+    dense stream after the layer's statistics are in, every fork advances with the dense layer
+    read once, and at the end ``head`` (final norm, lm_head) scores each by its KL from the
+    dense model, per token over all ranks: ``results[l]["fork_kl"]`` (:mod:`streamprune.forks`)."""
     results = []
     with read_ahead(adapter, 0, device, dtype) as ahead:
         for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
@@ -125,6 +132,20 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
             ranks.reduce_observer(obs)
             cache.drop(i)
             results.append(method.survey_result(i, obs))
+            if forks is not None:
+                candidates = (adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype)
+                              for d in method.fork_candidates(i, weights, obs, results[-1]))
+                forks.step(i, layer, candidates, pe, device)
+                crash_point(f"fork:{i}")
+    if forks is not None:
+        kls, tokens = forks.divergences(adapter.num_layers, *head, device)
+        layers = sorted(kls)
+        sums = ranks.sum_floats(*(v for l in layers for v in kls[l]), float(tokens))
+        *flat, tokens = sums
+        for l in layers:
+            n = len(kls[l])
+            results[l]["fork_kl"] = torch.tensor(flat[:n], dtype=torch.float64) / tokens
+            flat = flat[n:]
     return results
 
 
@@ -312,7 +333,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
                             dense_stream=method.needs_dense_stream, decision_stream=method.needs_decision_stream,
-                            storage_itemsize=storage_dtype.itemsize,
+                            storage_itemsize=storage_dtype.itemsize, fork_rows=method.fork_rows, forks=method.fork_count(shapes),
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
                             dense_passes=1 + int(method.needs_pass_b and method.pass_b_layer == "dense") + int(method.needs_dense_stream),
                             pruned_passes=1 + int(method.needs_pass_b and method.pass_b_layer != "dense") + int(method.needs_decision_stream),
@@ -342,17 +363,30 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 
+    def search_tokens(rows: int) -> torch.Tensor:
+        """The search's windows: drawn after the calibration ones with the same seed (other documents)."""
+        every = calibration_windows(tokenizer, source, cfg.nsamples + rows, cfg.seqlen, cfg.seed)[cfg.nsamples:]
+        return every[ranks.shard(rows, "search rows", "--option search_rows")]
+
     # ---- survey pass (journaled: a resume never repeats it) --------------------------
     if method.needs_survey:
         survey = run.load_survey(records, shapes.num_layers)
         if survey is None:
             tokens, survey_cache = calib_tokens(), ActivationCache(acts / "survey")
+            forks = ForkSet(acts / "forks") if method.needs_forks else None
             with disk_errors("the survey activations", run):
                 try:
                     embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
-                    survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop)
+                    head = None
+                    if forks is not None:
+                        forks.embed(search_tokens(method.fork_rows), embed,
+                                    min(chunk_rows, fork_chunk_rows(method.fork_rows, cfg.seqlen, shapes.vocab_size)), dtype)
+                        head = final_head(adapter, outer, embed, device, dtype)
+                    survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head)
                 finally:  # stopped or failed too: its activations are never reused
                     survey_cache.clear()
+                    if forks is not None:
+                        forks.clear()
             with disk_errors("the survey results", run):
                 if ranks.is_main:
                     run.save_survey(survey)

@@ -28,7 +28,7 @@ from .config import resolve_device, resolve_dtype
 from .distributed import Ranks, joined
 from .errors import ConfigError
 from .run.interrupts import sigterm_raises
-from .stream import embed_to_boundary, position_embeddings, propagate, token_nll
+from .stream import embed_to_boundary, final_head, position_embeddings, propagate, token_nll
 from .inputs.textdata import eval_windows, resolve_text_source
 
 
@@ -109,9 +109,7 @@ def _perplexity(cfg: EvalConfig, ranks: Ranks) -> dict:
     mine = tokens[ranks.shard(tokens.shape[0], "evaluation windows", "--max-windows (or lower --seqlen)")]
     outer = adapter.read_outer()
     embed = outer["model.embed_tokens.weight"].to(device, dtype)
-    head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
-    norm = adapter.final_norm(device, dtype)
-    norm.weight.copy_(outer["model.norm.weight"])
+    norm, head = final_head(adapter, outer, embed, device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     chunk_rows = max(1, cfg.chunk_tokens // cfg.seqlen)
     root = Path(cfg.work_dir) if cfg.work_dir is not None else Path(tempfile.gettempdir())

@@ -69,9 +69,11 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
              dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
              method_flop: float = 0.0, host_workspace: int = 0, dense_stream: bool = False,
              decision_stream: bool = False, dense_passes: int = 1, pruned_passes: int = 1,
-             storage_itemsize: int = 4) -> Forecast:
+             storage_itemsize: int = 4, fork_rows: int = 0, forks: int = 0) -> Forecast:
     """``dense_passes`` / ``pruned_passes``: how many times each layer, dense and pruned, runs over
-    the calibration tokens (the observation passes and the streams the method keeps)."""
+    the calibration tokens (the observation passes and the streams the method keeps). ``forks``
+    spawned in the survey over ``fork_rows`` search windows (:mod:`streamprune.forks`): each holds
+    one boundary of them on disk until the survey ends, and writes one per layer it runs."""
     itemsize = dtype.itemsize
     chunk_rows = min(chunk_rows, nsamples)  # a chunk never holds more windows than there are
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
@@ -95,7 +97,8 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     boundary = nsamples * seqlen * shapes.hidden_size * itemsize
     output = shapes.total_params(specs) * storage_itemsize  # written in the source checkpoint's dtype
     extra_streams = int(dense_stream) + int(decision_stream)  # two boundaries each, like the pruned stream
-    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams
+    fork_boundary = fork_rows * seqlen * shapes.hidden_size * itemsize
+    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams + (forks + 2 if forks else 0) * fork_boundary
     tokens = nsamples * seqlen
     dense_layer = shapes.dense_spec().num_params()
     forward_flop = 2 * tokens * sum(dense_layer * (dense_passes + int(survey)) + spec.num_params() * pruned_passes for spec in specs)
@@ -104,6 +107,7 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     while not probe.exists():
         probe = probe.parent
     written = output + 2 * boundary * shapes.num_layers * (1 + extra_streams)  # the output and each stream's boundaries
+    written += int(fork_boundary * (forks * (shapes.num_layers + 1) / 2 + shapes.num_layers))  # the forks' and their reference's
     return Forecast(
         params_dense=shapes.total_params(),
         params_pruned=shapes.total_params(specs),

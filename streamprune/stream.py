@@ -22,6 +22,15 @@ def position_embeddings(rotary, seqlen: int, device, dtype) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+def final_head(adapter, outer: dict, embed: torch.Tensor, device, dtype):
+    """(final norm, lm_head weight) on the device (the embedding when tied)."""
+    norm = adapter.final_norm(device, dtype)
+    norm.weight.copy_(outer["model.norm.weight"])
+    head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
+    return norm, head
+
+
+@torch.no_grad()
 def embed_to_boundary(cache: ActivationCache, tokens: torch.Tensor, embed: torch.Tensor, chunk_rows: int, dtype) -> None:
     """Boundary 0: embeddings of ``tokens`` (N, T), written in chunks of ``chunk_rows``."""
     w = cache.writer(0)

@@ -132,7 +132,7 @@ def test_deferred_downdates_take_the_eager_steps(block, flush):
     n_remove = 150
     assert n_remove > 2 * flush
     alive_ref, steps_ref = obs_greedy_ref(w, gram, n_remove, block=block)
-    alive, steps = obs._greedy(w, damped(gram, 0.01), n_remove, block, torch.float64, None, flush=flush)
+    alive, steps, _ = obs._greedy(w, damped(gram, 0.01), n_remove, block, torch.float64, None, flush=flush)
     assert torch.equal(alive, alive_ref)
     assert [k for k, _ in steps] == [k for k, _ in steps_ref]
     assert [c for _, c in steps] == pytest.approx([c for _, c in steps_ref], rel=1e-9, abs=1e-12)

@@ -118,6 +118,11 @@ class Method:
     # as ``refine`` returned it), so every decision is the one the method takes without
     # reconstruction upstream; ``reconstruct`` and the output still follow the reconstructed stream.
     needs_decision_stream: bool = False
+    # The survey also forks the dense model over ``fork_rows`` held-apart windows: each candidate
+    # of ``fork_candidates`` is scored by the KL of the model's output (``streamprune.forks``);
+    # the scores reach ``plan`` as ``survey[l]["fork_kl"]`` (per token, the candidates' order).
+    needs_forks: bool = False
+    fork_rows: int = 0
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
     # The options that make the method produce the servable structure (dense attention kept or
@@ -144,6 +149,16 @@ class Method:
     def survey_result(self, layer_idx: int, observer: Observer | None) -> dict[str, torch.Tensor]:
         """A few numbers for layer ``layer_idx`` (stored in the run journal)."""
         return {}
+
+    def fork_candidates(self, layer_idx: int, weights: dict[str, torch.Tensor], observer: Observer | None,
+                        result: dict[str, torch.Tensor]):
+        """(``needs_forks``) Decisions for layer ``layer_idx`` to fork the dense model with, after its
+        survey ``observer`` and ``result``; the same on every rank (they see the same sums)."""
+        return iter(())
+
+    def fork_count(self, shapes: ModelShapes) -> int:
+        """(``needs_forks``) How many candidates ``fork_candidates`` yields over all layers (preflight's disk)."""
+        return 0
 
     # ---- per-layer ---------------------------------------------------------------------
     def observer(self, layer_idx: int, pass_name: str, weights: dict[str, torch.Tensor]) -> Observer | None:

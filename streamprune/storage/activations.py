@@ -61,6 +61,13 @@ class ActivationCache:
                 self.bytes_read += t.numel() * t.element_size()
                 yield to_device(t, target)
 
+    def chunk(self, layer: int, c: int, device=None) -> torch.Tensor:
+        """Chunk ``c`` of boundary ``layer`` alone, on ``device``."""
+        with safe_open(self.boundary_dir(layer) / f"chunk_{c:05d}.safetensors", framework="pt") as f:
+            t = f.get_tensor("hidden")
+        self.bytes_read += t.numel() * t.element_size()
+        return t.to(torch.device("cpu") if device is None else torch.device(device))
+
     def drop(self, layer: int) -> None:
         shutil.rmtree(self.boundary_dir(layer), ignore_errors=True)
 

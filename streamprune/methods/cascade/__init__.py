@@ -21,7 +21,12 @@ Components (each one ``--option``, for the ablation):
   and the same total number of channels is handed out where it costs least (``alloc_max_frac``
   caps one layer); or ``obs`` (default): the same, with each layer's curve the greedy OBS cost
   of removing k channels with down_proj refitted (:func:`streamprune.kernels.obs.obs_cost_curve`
-  on the survey's Gram) — the curve that matches ``selection=obs``.
+  on the survey's Gram) — the curve that matches ``selection=obs``; or ``search``: the ``obs``
+  curves rescaled to the KL divergence of the model's next-token distribution from the dense
+  one's, measured by forking the survey's dense stream at each layer with a few candidate cuts
+  (``search_levels`` FFN cuts; in the servable structure also the attention removed) over
+  ``search_rows`` held-apart windows, every fork carried through the dense layers after it
+  (:mod:`streamprune.forks`, :mod:`.search`).
 - ``selection``: ``obs`` (default) or ``score`` (the base's channel score picks each layer's
   FFN channels). ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
   its input on the pruned stream, weighted per token like the reconstruction loss — channels
@@ -75,12 +80,15 @@ from ..base import Decision, LayerData, Method
 from .allocation import allocate, prefix_errors
 from .observers import AllocationObserver
 from .reconstruct import PRECISIONS, ReconSettings, reconstruct_layer
-from .selection import OBS_DTYPE, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
+from .selection import OBS_DTYPE, obs_ffn_given, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
+from ...forks import LOGIT_BUDGET
+from .search import fork_levels, kl_scaled
 from .servable import ServableLayer, uniform_plan
 from .servable import allocate as allocate_servable
 
 CASCADE_CONFIG_VERSION = 3  # 2: dense targets computed once per chunk (was: per pass over the train/val split); 3: fused Adam, OBS in float32 at every width, bfloat16 training steps (auto)
 BASES = ("olica", "lorap", "slimllm")
+ALLOCATIONS = ("uniform", "measured", "obs", "search")
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,11 @@ class CascadeConfig:
     # (RESULTS "cascade"): 97.40 with obs, 103.09 with measured.
     allocation: str = "obs"
     alloc_max_frac: float = 0.8  # at most this fraction of a layer's FFN channels may go
+    # allocation="search": candidates per layer (FFN cuts at j/search_levels of the cap, j = 1..n;
+    # in the servable structure also the attention removed) forked in the survey and scored by
+    # the KL of the model's next-token distribution on search_rows held-apart windows (:mod:`.search`).
+    search_rows: int = 8
+    search_levels: int = 3
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
     # Which FFN channels go: "obs" (exact OBS cost + down_proj refit; base olica without LC) or
     # "score" (the base's). Whole WikiText-2 @128 at 50 % (RESULTS "cascade"): 270.88 with obs, 337.81 with score.
@@ -166,8 +179,8 @@ class CascadeConfig:
             raise bad("decide_on", "'reconstructed' or 'unreconstructed'")
         if self.recon_loss not in ("rms", "mse"):
             raise bad("recon_loss", "'rms' or 'mse'")
-        if self.allocation not in ("uniform", "measured", "obs"):
-            raise bad("allocation", "'uniform', 'measured' or 'obs'")
+        if self.allocation not in ALLOCATIONS:
+            raise bad("allocation", "one of " + ", ".join(repr(a) for a in ALLOCATIONS))
         if self.allocation != "uniform" and self.base != "olica":
             raise bad("allocation", "'uniform' with base lorap/slimllm (measured allocation needs base olica)")
         if isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) or not 0 <= self.attn_scale <= 2:
@@ -187,9 +200,15 @@ class CascadeConfig:
             raise bad("structure", "'streamprune' or 'servable'")
         if not is_int(self.ffn_multiple) or self.ffn_multiple < 1:
             raise bad("ffn_multiple", "an int >= 1")
-        if self.structure == "servable" and (self.allocation not in ("obs", "uniform") or self.selection != "obs"):
-            raise bad("structure", "'streamprune' unless allocation is 'obs' or 'uniform' and selection is 'obs' "
+        if self.structure == "servable" and (self.allocation == "measured" or self.selection != "obs"):
+            raise bad("structure", "'streamprune' unless allocation is 'obs', 'search' or 'uniform' and selection is 'obs' "
                                    "(the servable structure's costs and channels are OBS's)")
+        if self.allocation == "search" and self.selection != "obs":
+            raise bad("allocation", "'obs' or 'measured' with selection='score' (the search's candidates are OBS's cuts)")
+        if not is_int(self.search_rows) or self.search_rows < 1:
+            raise bad("search_rows", "an int >= 1")
+        if not is_int(self.search_levels) or self.search_levels < 1:
+            raise bad("search_levels", "an int >= 1")
         if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
             raise bad("alloc_max_frac", "in (0, 1)")
 
@@ -238,13 +257,56 @@ class Cascade(Method):
         self.needs_reconstruction = config.recon and config.recon_epochs > 0
         self.needs_dense_stream = self.needs_reconstruction and config.recon_target == "dense_stream"
         self.needs_decision_stream = self.needs_reconstruction and config.decide_on == "unreconstructed"
+        self.needs_forks = config.allocation == "search"
+        self.fork_rows = config.search_rows
+        self.shapes: ModelShapes | None = None
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
+        self.shapes = shapes
         if self.servable:
             return self._plan_servable(shapes, survey)
         self.base.plan(shapes, survey)
         if self.measured and survey is not None:
-            self._allocate(shapes, [s["ffn_curve"] for s in survey])
+            self._allocate(shapes, [self._curve(s) for s in survey])
+
+    def _curve(self, result: dict) -> torch.Tensor:
+        """A layer's FFN cost curve: the survey's, rescaled to KL units by its forks with ``allocation="search"``."""
+        if not self.needs_forks:
+            return result["ffn_curve"]
+        ks, kls = result["fork_ffn"].tolist(), result["fork_kl"].tolist()
+        ffn = [(k, kl) for k, kl in zip(ks, kls) if k >= 0]
+        return kl_scaled(result["ffn_curve"], [k for k, _ in ffn], [kl for _, kl in ffn])
+
+    def _attn_cost(self, result: dict) -> float:
+        """A layer's price of removing attention: its fork's KL with ``allocation="search"``, else the output size."""
+        if self.needs_forks:
+            attn = [kl for k, kl in zip(result["fork_ffn"].tolist(), result["fork_kl"].tolist()) if k < 0]
+            return attn[0] if attn else float("inf")  # layer 0 keeps its attention: no fork
+        return float(result["attn_cost"][0])
+
+    def fork_candidates(self, layer_idx: int, weights: dict, observer, result: dict):
+        """The search's candidate cuts of layer ``layer_idx`` (dense attention), in ``result["fork_ffn"]``'s
+        order: the FFN without the first ``k`` channels of the survey's greedy OBS order (down_proj
+        refitted), for each ``k``; ``k = -1``: the attention removed (servable structure)."""
+        f = weights["mlp.down_proj.weight"].shape[1]
+        for k in result["fork_ffn"].tolist():
+            if k < 0:
+                layer = ServableLayer(False, f)
+                ffn = {n: weights[n] for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
+            else:
+                layer = ServableLayer(True, f - k)
+                ffn = obs_ffn_given(weights, observer.gram, result["ffn_order"][:k], float(self.config.obs_damp))
+            yield self._whole_attention_decision(layer_idx, weights, layer, ffn)
+
+    def _whole_attention_decision(self, layer_idx: int, weights: dict, layer: ServableLayer, ffn: dict) -> Decision:
+        """Attention copied whole (``layer.attention``) or dropped, with the given FFN tensors."""
+        down = weights["mlp.down_proj.weight"]
+        spec = self._servable_spec(self.shapes, layer)
+        tensors = {k: weights[k] for k in spec.tensor_shapes() if k in weights and not k.startswith("mlp.")}
+        if spec.o_bias and "self_attn.o_proj.bias" not in tensors:
+            tensors["self_attn.o_proj.bias"] = torch.zeros(down.shape[0], dtype=down.dtype, device=down.device)
+        tensors.update({k: v.to(down.dtype) for k, v in ffn.items()})
+        return Decision(spec, tensors, {})
 
     def _allocate(self, shapes: ModelShapes, curves) -> None:
         """Replace the base's uniform FFN count by per-layer counts with the same total."""
@@ -274,7 +336,7 @@ class Cascade(Method):
             self.layers = uniform_plan(shapes.num_layers, f, m, per_channel, target)
         else:
             try:
-                self.layers = allocate_servable([s["ffn_curve"] for s in survey], [float(s["attn_cost"][0]) for s in survey], f, m,
+                self.layers = allocate_servable([self._curve(s) for s in survey], [self._attn_cost(s) for s in survey], f, m,
                                                 per_channel, attn_params, target)
             except ValueError as e:
                 raise RatioError(f"--ratio {self.ratio}: {e}; lower --ratio") from None
@@ -318,11 +380,16 @@ class Cascade(Method):
         from ..channels import ffn_channel_scores
 
         w = observer.weights
-        if self.config.allocation == "obs":
-            curve = obs_cost_curve(w["mlp.down_proj.weight"], observer.gram, self._alloc_cap(w["mlp.down_proj.weight"].shape[1]),
-                                   damp=float(self.config.obs_damp), block=self.config.obs_block,
-                                   dtype=OBS_DTYPE)
-            return {**out, "ffn_curve": curve.float().cpu()}
+        if self.config.allocation in ("obs", "search"):
+            cap = self._alloc_cap(w["mlp.down_proj.weight"].shape[1])
+            curve, order = obs_cost_curve(w["mlp.down_proj.weight"], observer.gram, cap, damp=float(self.config.obs_damp),
+                                          block=self.config.obs_block, dtype=OBS_DTYPE, with_order=True)
+            out = {**out, "ffn_curve": curve.float().cpu()}
+            if self.needs_forks:
+                multiple = self.config.ffn_multiple if self.servable else self.config.obs_block
+                ks = fork_levels(cap, self.config.search_levels, multiple) + ([-1] if self.servable and layer_idx > 0 else [])
+                out.update(ffn_order=order.cpu(), fork_ffn=torch.tensor(ks, dtype=torch.int64))
+            return out
         scores = ffn_channel_scores(w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"], observer.ex, observer.eh)
         order = torch.argsort(scores, stable=True)
         n_least = math.floor(self.base.config.keep_least_frac * order.numel())  # Olica keeps its least important 1 %: skip them
@@ -352,16 +419,11 @@ class Cascade(Method):
 
     def _decide_servable(self, layer_idx, weights, observer) -> Decision:
         """Attention copied whole (or dropped), the planned FFN width chosen by OBS."""
-        down = weights["mlp.down_proj.weight"]
         layer = self.layers[layer_idx]
-        d, f = down.shape
-        spec = self.specs[layer_idx]
-        tensors = {k: weights[k] for k in spec.tensor_shapes() if k in weights and not k.startswith("mlp.")}
-        if spec.o_bias and "self_attn.o_proj.bias" not in tensors:
-            tensors["self_attn.o_proj.bias"] = torch.zeros(d, dtype=down.dtype, device=down.device)
+        f = weights["mlp.down_proj.weight"].shape[1]
         ffn, info = obs_select_ffn(weights, observer.gram, f - layer.ffn, float(self.config.obs_damp), self.config.obs_block)
-        tensors.update({k: v.to(down.dtype) for k, v in ffn.items()})
-        decision = Decision(spec, tensors, {**info, "attention": layer.attention, "ffn_kept": layer.ffn})
+        decision = self._whole_attention_decision(layer_idx, weights, layer, ffn)
+        decision = Decision(decision.spec, decision.tensors, {**info, "attention": layer.attention, "ffn_kept": layer.ffn})
         decision.validate(layer_idx)
         return decision
 
@@ -387,8 +449,10 @@ class Cascade(Method):
         (they are never alive together): Adam on the largest planned layer (fp32 weights,
         gradients, two moments, autocast's bf16 copies: 18 B/param) + one batch's activations kept for backward."""
         base = 0 if self.servable else self.base.workspace_bytes(shapes)
-        if "obs" in (self.config.selection, self.config.allocation):  # OBS (decision, or the survey's curve): never alive with other scratch
+        if "obs" in (self.config.selection, self.config.allocation) or self.needs_forks:  # OBS (decision, or the survey's curve): never alive with other scratch
             base = max(base, obs_workspace_bytes(shapes))
+        if self.needs_forks:  # the head's fp32 logits of a fork chunk and the reference's (streamprune.forks)
+            base = max(base, LOGIT_BUDGET)
         if not self.needs_reconstruction:
             return base
         largest = max(s.num_params() for s in self.planned_specs(shapes))
@@ -405,8 +469,9 @@ class Cascade(Method):
         cfg = self.config
         f = shapes.intermediate_size
         obs = sum(obs_flop(shapes, f - s.intermediate_size) for s in specs) if cfg.selection == "obs" else 0.0
-        if cfg.allocation == "obs":
+        if cfg.allocation in ("obs", "search"):
             obs += len(specs) * obs_greedy_flop(shapes, self._alloc_cap(f))
+        obs += self.fork_flop(shapes, seqlen)
         if not self.needs_reconstruction:
             return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)
@@ -414,6 +479,27 @@ class Cascade(Method):
         dense = shapes.dense_spec().num_params() if self.needs_dense_stream or self.needs_decision_stream else 0
         return obs + float(sum(nsamples * seqlen * 2 * dense + cfg.recon_epochs * train * 6 * s.num_params()
                          + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
+
+    def fork_count(self, shapes: ModelShapes) -> int:
+        """How many forks the search spawns (candidates per layer × layers)."""
+        if not self.needs_forks:
+            return 0
+        f = shapes.intermediate_size
+        multiple = self.config.ffn_multiple if self.servable else self.config.obs_block
+        per_layer = len(fork_levels(self._alloc_cap(f), self.config.search_levels, multiple))
+        return per_layer * shapes.num_layers + (shapes.num_layers - 1 if self.servable else 0)
+
+    def fork_flop(self, shapes: ModelShapes, seqlen: int) -> float:
+        """The search's arithmetic (:mod:`streamprune.forks`): a fork of layer ``l`` runs layers ``l..L-1``
+        (a candidate, then dense ones: ~half the model on average) and the head over the search
+        rows; each FFN candidate's down_proj solve (one ``f × f`` Cholesky at most)."""
+        if not self.needs_forks:
+            return 0.0
+        tokens, n = self.fork_rows * seqlen, self.fork_count(shapes)
+        layer, L = shapes.dense_spec().num_params(), shapes.num_layers
+        f, d = shapes.intermediate_size, shapes.hidden_size
+        forward = n * 2 * tokens * (layer * (L + 1) / 2 + shapes.vocab_size * d)
+        return float(forward + n * (f ** 3 / 3 + 2 * d * f * f))
 
     def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
         """``recon_target="dense_layer"``: the dense layer's outputs on the calibration set, kept
@@ -425,7 +511,7 @@ class Cascade(Method):
         options = asdict(self.config)
         for key, default in (("attn_scale", 1.0), ("recon_min_gain", 0.0),
                              ("decide_on", "reconstructed"), ("selection", "score"), ("obs_damp", 0.01), ("obs_block", 1),
-                             ("structure", "streamprune"), ("ffn_multiple", 256)):
+                             ("structure", "streamprune"), ("ffn_multiple", 256), ("search_rows", 8), ("search_levels", 3)):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...kernels.obs import FLUSH, obs_remove_columns
+from ...kernels.obs import FLUSH, obs_remove_columns, obs_remove_given
 from ...shapes import ModelShapes
 
 OBS_DTYPE = torch.float32
@@ -40,6 +40,15 @@ def obs_select_ffn(weights: dict[str, Tensor], gram: Tensor, n_prune: int, damp:
     tensors = {"mlp.gate_proj.weight": gate[kept].contiguous(), "mlp.up_proj.weight": up[kept].contiguous(),
                "mlp.down_proj.weight": down_kept.contiguous()}
     return tensors, {"selection": "obs", "obs_cost_ratio": float(f"{cost / energy:.6g}") if energy > 0 else 0.0}
+
+
+def obs_ffn_given(weights: dict[str, Tensor], gram: Tensor, removed: Tensor, damp: float) -> dict[str, Tensor]:
+    """gate/up/down of the FFN without the channels ``removed`` (e.g. a prefix of the survey's
+    greedy OBS order), down_proj's kept columns solved as :func:`obs_select_ffn` does."""
+    gate, up, down = (weights[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    kept, down_kept = obs_remove_given(down, gram, removed, damp=damp, dtype=OBS_DTYPE)
+    return {"mlp.gate_proj.weight": gate[kept].contiguous(), "mlp.up_proj.weight": up[kept].contiguous(),
+            "mlp.down_proj.weight": down_kept.contiguous()}
 
 
 def obs_workspace_bytes(shapes: ModelShapes) -> int:

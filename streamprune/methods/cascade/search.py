@@ -1,0 +1,57 @@
+"""``allocation="search"``: every layer's cut priced by the model's output, not the layer's own error.
+
+The ``obs`` allocation prices cutting ``k`` FFN channels of layer ``l`` by the greedy OBS cost
+``e_l(k)``: the error of that layer's output in units of the residual stream's scale. It cannot
+know how much of that error survives the layers after it to change the next-token
+distribution. The survey's forks (:mod:`streamprune.forks`) measure exactly that for a few
+candidates per layer: ``KL_l(k_j)``, the KL divergence of the model's next-token distribution
+from the dense model's, per token, on held-apart windows, with only layer ``l`` cut (its
+``k_j`` channels of least OBS cost gone, down_proj refitted) — and, in the servable structure,
+with layer ``l``'s attention removed.
+
+The curve the allocation then uses is the OBS curve rescaled to KL units, layer by layer:
+
+    c_l(k) = α_l(k) · e_l(k),    α_l(k_j) = KL_l(k_j) / e_l(k_j),
+
+``α_l`` linear in ``k`` between the candidates and constant beyond them. It keeps OBS's
+shape (every channel priced) and takes the scale from the output: a layer whose error the
+later layers wash out becomes cheap, one whose error grows by the head dear. The greedy
+allocations (:func:`.allocation.allocate`, :func:`.servable.allocate`) then hand out the same
+total on these curves; an attention removal is priced at its measured KL.
+
+Pure functions on tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fork_levels(cap: int, n: int, multiple: int = 1) -> list[int]:
+    """The FFN channel counts the forks remove: ``cap · j / n`` for ``j = 1..n`` rounded to a
+    multiple of ``multiple`` (at least one multiple, at most ``cap``), distinct, ascending."""
+    if cap < multiple:
+        return []
+    levels = {min(cap, max(multiple, round(cap * j / n / multiple) * multiple)) for j in range(1, n + 1)}
+    return sorted(levels)
+
+
+def kl_scaled(curve: Tensor, ks: list[int], kls: list[float]) -> Tensor:
+    """``curve`` (k = 0..n) times ``α(k)``, the measured ``KL / curve`` at the candidate counts
+    ``ks`` (ascending) interpolated linearly in ``k`` and held constant outside them (module doc).
+    A candidate whose OBS cost is zero gives no ratio: it is skipped (all skipped: the curve as is)."""
+    curve = curve.double()
+    pts = [(k, kl / float(curve[k])) for k, kl in zip(ks, kls) if float(curve[k]) > 0]
+    if not pts:
+        return curve
+    x = torch.arange(curve.numel(), dtype=torch.float64)
+    xs = torch.tensor([k for k, _ in pts], dtype=torch.float64)
+    ys = torch.tensor([a for _, a in pts], dtype=torch.float64)
+    alpha = torch.empty_like(x)
+    idx = torch.searchsorted(xs, x, right=True)  # xs[idx-1] <= x < xs[idx]
+    lo, hi = (idx - 1).clamp(0, len(pts) - 1), idx.clamp(0, len(pts) - 1)
+    span = (xs[hi] - xs[lo]).clamp_min(1e-12)
+    t = ((x - xs[lo]) / span).clamp(0, 1)
+    alpha = ys[lo] + t * (ys[hi] - ys[lo])
+    return curve * alpha

@@ -1,0 +1,207 @@
+"""cascade ``allocation="search"``: forks scored by the KL at the head (streamprune.forks), the
+KL-scaled curves (methods/cascade/search.py) and the engine contracts (ratio, resume, ranks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamprune import PruneConfig, prune
+from streamprune.adapters import open_model
+from streamprune.inputs.textdata import calibration_windows, resolve_text_source
+from streamprune.adapters import load_tokenizer
+from streamprune.kernels.divergence import kl_sum
+from streamprune.kernels.obs import obs_cost_curve, obs_remove_columns, obs_remove_given
+from streamprune.methods import build_method
+from streamprune.methods.cascade import Cascade
+from streamprune.methods.cascade.allocation import allocate
+from streamprune.methods.cascade.search import fork_levels, kl_scaled
+from streamprune.methods.cascade.servable import allocate as allocate_servable
+from streamprune.stream import position_embeddings
+from test_resume import ARGS, digests, run_cli
+
+E2E = dict(calib="c4", nsamples=16, seqlen=32, seed=0, chunk_tokens=160, progress=False)
+FAST = {"allocation": "search", "recon": False, "search_rows": 6}
+
+
+def test_kl_sum_is_the_float64_definition():
+    g = torch.Generator().manual_seed(0)
+    p, q = 3 * torch.randn(2, 7, 50, generator=g, dtype=torch.float64), 3 * torch.randn(2, 7, 50, generator=g, dtype=torch.float64)
+    pp, qq = p.softmax(-1), q.softmax(-1)
+    want = float((pp * (pp.log() - qq.log())).sum())
+    assert kl_sum(p, q) == pytest.approx(want, rel=1e-12)
+    assert kl_sum(p, q, block_rows=3) == pytest.approx(want, rel=1e-12)
+    assert kl_sum(p.float(), q.float()) == pytest.approx(want, rel=1e-5)
+    assert kl_sum(p, p) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        kl_sum(p, q[:, :3])
+
+
+def test_fork_levels():
+    assert fork_levels(100, 3) == [33, 67, 100]
+    assert fork_levels(96, 3, 32) == [32, 64, 96]
+    assert fork_levels(96, 5, 32) == [32, 64, 96]  # distinct multiples only
+    assert fork_levels(20, 3, 32) == []
+    assert fork_levels(1280, 1, 256) == [1280]
+
+
+def test_kl_scaled_passes_through_the_measured_points_and_keeps_the_shape():
+    curve = torch.arange(11, dtype=torch.float64) ** 2  # e(k) = k²
+    out = kl_scaled(curve, [2, 6], [8.0, 18.0])  # α(2) = 2, α(6) = 0.5
+    assert out[2] == pytest.approx(8.0) and out[6] == pytest.approx(18.0)
+    assert out[1] == pytest.approx(2.0) and out[10] == pytest.approx(50.0)  # α constant outside the candidates
+    assert out[4] == pytest.approx(16 * 1.25)  # α linear between them
+    assert torch.equal(kl_scaled(curve, [0], [1.0]), curve)  # no usable ratio: the curve as is
+
+
+def test_obs_remove_given_a_greedy_prefix_is_obs_remove_columns():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    gram, w = h.T @ h, torch.randn(8, 24, generator=g, dtype=torch.float64)
+    curve, order = obs_cost_curve(w, gram, 16, with_order=True)
+    assert torch.equal(curve, obs_cost_curve(w, gram, 16)) and order.unique().numel() == 16
+    for k in (1, 5, 16):
+        kept, wk, cost = obs_remove_columns(w, gram, k)
+        kept2, wk2 = obs_remove_given(w, gram, order[:k])
+        assert torch.equal(kept, kept2) and torch.allclose(wk, wk2, rtol=1e-12, atol=1e-12)
+        assert cost == pytest.approx(float(curve[k]), rel=1e-9)
+
+
+def test_config_refuses_search_without_obs():
+    with pytest.raises(Exception, match="allocation"):
+        build_method("cascade", 0.3, {"allocation": "search", "selection": "score"})
+    for bad in ({"search_rows": 0}, {"search_levels": 0}):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            build_method("cascade", 0.3, {"allocation": "search", **bad})
+
+
+def _recorded_candidates(monkeypatch) -> list:
+    seen = []
+    original = Cascade.fork_candidates
+
+    def record(self, i, weights, observer, result):
+        for d in original(self, i, weights, observer, result):
+            seen.append((i, d.spec, {k: v.clone() for k, v in d.tensors.items()}))
+            yield d
+
+    monkeypatch.setattr(Cascade, "fork_candidates", record)
+    return seen
+
+
+@torch.no_grad()
+def _reference_kls(folder, candidates, tokens) -> dict[int, list[float]]:
+    """In memory, float64: the dense model and, per candidate, the model with that one layer
+    replaced, over the whole batch at once; KL per token written out from the softmaxes."""
+    adapter = open_model(folder)
+    dt = torch.float64
+    outer = adapter.read_outer()
+    embed = outer["model.embed_tokens.weight"].to(dt)
+    head = outer["lm_head.weight"].to(dt) if "lm_head.weight" in outer else embed
+    norm = adapter.final_norm("cpu", dt)
+    norm.weight.copy_(outer["model.norm.weight"])
+    pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", dt)
+    layers = [adapter.build_layer(i, adapter.read_layer(i), "cpu", dt) for i in range(adapter.num_layers)]
+    inputs, h = [], embed[tokens]
+    for layer in layers:
+        inputs.append(h)
+        h = layer(h, pe)
+    p = (norm(h) @ head.T).softmax(-1)
+    out: dict[int, list[float]] = {}
+    for i, spec, tensors in candidates:
+        x = adapter.build_pruned_layer(i, spec, tensors, "cpu", dt)(inputs[i], pe)
+        for layer in layers[i + 1:]:
+            x = layer(x, pe)
+        q = (norm(x) @ head.T).softmax(-1)
+        out.setdefault(i, []).append(float((p * (p.log() - q.log())).sum() / p[..., 0].numel()))
+    return out
+
+
+@pytest.mark.parametrize("structure", ["streamprune", "servable"])
+def test_e2e_fork_kls_are_the_in_memory_float64_ones_and_the_plan_follows_them(tiny_llama, tmp_path, monkeypatch, structure):
+    """Every fork's KL (streamed, fp32, chunked, from disk) equals the float64 in-memory KL of the
+    model with that one layer cut; the per-layer counts are the greedy allocation on the
+    KL-scaled curves (servable: attention removals priced at their fork's KL), at the ratio."""
+    extra = {"structure": "servable", "ffn_multiple": 32} if structure == "servable" else {}
+    opts = {**FAST, **extra}
+    candidates = _recorded_candidates(monkeypatch)
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=opts, keep_work=True, **E2E)
+    report = prune(cfg)
+    assert report["achieved_ratio"] == pytest.approx(0.3, abs=0.01 if structure == "streamprune" else 0.03)
+    tok = load_tokenizer(tiny_llama)
+    rows = calibration_windows(tok, resolve_text_source("c4"), E2E["nsamples"] + FAST["search_rows"], E2E["seqlen"], 0)
+    assert torch.equal(rows[:E2E["nsamples"]], calibration_windows(tok, resolve_text_source("c4"), E2E["nsamples"], E2E["seqlen"], 0))
+    ref = _reference_kls(tiny_llama, candidates, rows[E2E["nsamples"]:])
+    stored = load_file(cfg.run_dir / "survey.safetensors")
+    L = open_model(tiny_llama).num_layers
+    for i in range(L):
+        got = stored[f"{i}.fork_kl"].tolist()
+        assert len(got) == len(ref[i]) == len(stored[f"{i}.fork_ffn"]) >= 3
+        assert got == pytest.approx(ref[i], rel=2e-4), i
+        assert all(a < b for a, b in zip(got, got[1:len(fork_levels(10**9, 3))]))  # more channels cut, larger KL
+    method = build_method("cascade", 0.3, opts)
+    shapes = open_model(tiny_llama).shapes()
+    method.plan(shapes)
+    survey = [{k.split(".", 1)[1]: v for k, v in stored.items() if k.startswith(f"{i}.")} for i in range(L)]
+    curves = [method._curve(s) for s in survey]
+    specs = [json.loads((cfg.out / "config.json").read_text())["layer_specs"][i] for i in range(L)]
+    f = shapes.intermediate_size
+    if structure == "streamprune":
+        total = sum(f - s["intermediate_size"] for s in specs)
+        assert allocate(curves, total, method._alloc_cap(f)) == [f - s["intermediate_size"] for s in specs]
+        assert len({s["intermediate_size"] for s in specs}) > 1
+    else:
+        method.plan(shapes, survey)
+        assert [(s.attention, s.ffn) for s in method.layers] == [(s["num_kv_heads"] > 0, s["intermediate_size"]) for s in specs]
+        attn = [method._attn_cost(s) for s in survey]
+        assert attn[0] == float("inf") and all(a == s["fork_kl"][-1] for a, s in zip(attn[1:], survey[1:]))
+
+
+def test_e2e_kill_inside_the_search_then_resume_is_byte_identical(tiny_llama, tmp_path):
+    opts = [x for k, v in {**FAST, "search_rows": 4}.items() for x in ("--option", f"{k}={str(v).lower()}")]
+    cmd = ["prune", tiny_llama, "--method", "cascade", "--ratio", "0.3", *opts, *ARGS]
+    ref = run_cli(*cmd, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    killed = run_cli(*cmd, "--out", tmp_path / "out", crash_at="fork:2")
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "out.work" / "acts" / "forks").is_dir()  # killed with forks on disk
+    resumed = run_cli(*cmd, "--out", tmp_path / "out")
+    assert resumed.returncode == 0, resumed.stderr
+    assert digests(tmp_path / "out") == digests(tmp_path / "ref")
+    assert not (tmp_path / "out.work" / "acts" / "forks").exists()
+
+
+def test_preflight_counts_the_forks():
+    """The dry run's disk and time grow by the forks: their boundaries and their layer passes."""
+    method = build_method("cascade", 0.2, {"allocation": "search"})
+    plain = build_method("cascade", 0.2, {"allocation": "obs"})
+    from test_olica import LLAMA2_70B as shapes
+
+    for m in (method, plain):
+        m.plan(shapes)
+    assert method.fork_count(shapes) == 3 * shapes.num_layers and plain.fork_count(shapes) == 0
+    tokens, L = method.fork_rows * 128, shapes.num_layers
+    assert method.extra_flop(shapes, method.planned_specs(shapes), 256, 128) - plain.extra_flop(shapes, plain.planned_specs(shapes), 256, 128) \
+        == pytest.approx(method.fork_flop(shapes, 128)) 
+    assert method.fork_flop(shapes, 128) > 3 * L * 2 * tokens * shapes.vocab_size * shapes.hidden_size
+
+
+def test_two_ranks_take_the_one_process_decisions(tiny_llama, tmp_path):
+    """Under torchrun the search rows split across the ranks and the KL sums are all-reduced:
+    the same per-token KLs (to fp32 summation order) and the same layer specs as one process."""
+    from test_distributed import CHUNK_TOKENS, NSAMPLES, RATIO, SEQLEN, last_json, prune_args, torchrun
+
+    opts = {**FAST, "search_rows": 4}
+    one, two = tmp_path / "one", tmp_path / "two"
+    prune(PruneConfig(source=tiny_llama, out=one, method="cascade", ratio=RATIO, calib="c4", nsamples=NSAMPLES, seqlen=SEQLEN,
+                      chunk_tokens=CHUNK_TOKENS, progress=False, method_options=opts, keep_work=True))
+    cli = [x for k, v in opts.items() for x in ("--option", f"{k}={str(v).lower()}")]
+    report = last_json(torchrun(*prune_args(tiny_llama, two, "cascade"), *cli, "--keep-work"))
+    assert report["world_size"] == 2
+    c1, c2 = (json.loads((d / "config.json").read_text()) for d in (one, two))
+    assert c1 == c2 and len({s["intermediate_size"] for s in c1["layer_specs"]}) > 1
+    s1, s2 = (load_file(tmp_path / f"{d}.work" / "survey.safetensors") for d in ("one", "two"))
+    for key in (k for k in s1 if k.endswith("fork_kl")):
+        assert s2[key].tolist() == pytest.approx(s1[key].tolist(), rel=1e-4), key
