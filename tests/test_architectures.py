@@ -149,16 +149,13 @@ def test_method_at_0_3_loads_and_generates(arch, method, sources, pruned):
     _greedy_same_with_and_without_cache(model, ids[:1, :6])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_olica_streamed_equals_in_memory(arch, sources, pruned):
-    """Olica reads the attention output energy (OLMo 2: after the post-attention norm) and the
-    FFN statistics; the streamed run's tensors equal the in-memory reference's."""
-    out, _ = pruned(arch, "olica")
-    tokens = calibration_windows(AutoTokenizer.from_pretrained(sources[arch]), resolve_text_source("c4"),
+def assert_olica_streamed_equals_in_memory(src, out) -> None:
+    """The olica output streamed into ``out`` holds the in-memory reference's tensors (≤ 5e-4 relative)."""
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(src), resolve_text_source("c4"),
                                  CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
     method = build_method("olica", 0.3)
-    method.plan(open_model(sources[arch]).shapes())
-    decisions = prune_in_memory(sources[arch], method, tokens)
+    method.plan(open_model(src).shapes())
+    decisions = prune_in_memory(src, method, tokens)
     streamed = {}
     for f in sorted(out.glob("*.safetensors")):
         streamed.update(load_file(f))
@@ -167,6 +164,14 @@ def test_olica_streamed_equals_in_memory(arch, sources, pruned):
         for name, ref in d.tensors.items():
             got = streamed[f"model.layers.{i}.{name}"]
             assert float((got - ref).norm() / ref.norm().clamp_min(1e-12)) < 5e-4, (i, name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_olica_streamed_equals_in_memory(arch, sources, pruned):
+    """Olica reads the attention output energy (OLMo 2: after the post-attention norm) and the
+    FFN statistics; the streamed run's tensors equal the in-memory reference's."""
+    out, _ = pruned(arch, "olica")
+    assert_olica_streamed_equals_in_memory(sources[arch], out)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

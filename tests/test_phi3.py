@@ -24,15 +24,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from reference import logits_of, prune_in_memory
+from reference import logits_of
 from streamprune import EvalConfig, PruneConfig, load_pruned, perplexity, perplexity_in_memory, prune
 from streamprune.adapters import open_model
 from streamprune.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
-from streamprune.inputs.textdata import calibration_windows, resolve_text_source
-from streamprune.methods import available, build_method
-from test_architectures import CALIB, RATIO_TOLERANCE, _cached_logits, _greedy_same_with_and_without_cache, _tokens
+from streamprune.methods import available
+from test_architectures import CALIB, RATIO_TOLERANCE, _cached_logits, _greedy_same_with_and_without_cache, _tokens, \
+    assert_olica_streamed_equals_in_memory
 from tiny import make_tiny_model
 
 IDS = dict(eos_token_id=0, pad_token_id=0, bos_token_id=0)  # Phi-3's defaults (32000) lie outside the tiny vocabulary
@@ -165,20 +165,7 @@ def test_method_at_0_3_loads_and_generates(method, sources, pruned):
 
 def test_olica_streamed_equals_in_memory(sources, pruned):
     out, _ = pruned("olica")
-    src = sources["plain"]
-    tokens = calibration_windows(AutoTokenizer.from_pretrained(src), resolve_text_source("c4"),
-                                 CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
-    method = build_method("olica", 0.3)
-    method.plan(open_model(src).shapes())
-    decisions = prune_in_memory(src, method, tokens)
-    streamed = {}
-    for f in sorted(out.glob("*.safetensors")):
-        streamed.update(load_file(f))
-    for i, d in enumerate(decisions):
-        assert {k for k in streamed if k.startswith(f"model.layers.{i}.")} == {f"model.layers.{i}.{k}" for k in d.tensors}
-        for name, ref in d.tensors.items():
-            got = streamed[f"model.layers.{i}.{name}"]
-            assert float((got - ref).norm() / ref.norm().clamp_min(1e-12)) < 5e-4, (i, name)
+    assert_olica_streamed_equals_in_memory(sources["plain"], out)
 
 
 def test_streamed_eval_equals_in_memory(sources, pruned):

@@ -244,13 +244,17 @@ class LlamaFamilyAdapter:
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
-    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's tensors, named relative to ``model.layers.{i}.``."""
+    def read_stored_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors as the checkpoint stores them, named relative to ``model.layers.{i}.``."""
         prefix = self.layer_prefix(i)
         names = self.reader.names_with_prefix(prefix)
         if not names:
             raise CheckpointError(f"no tensors for layer {i} ({prefix}*) in {self.reader.folder}")
-        tensors = {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+        return {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors, named relative to ``model.layers.{i}.``."""
+        tensors = self.read_stored_layer(i)
         check_tensors(self.skeleton(i), tensors, f"layer {i} of {self.reader.folder}")
         return tensors
 

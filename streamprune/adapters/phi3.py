@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from ..errors import CheckpointError, UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 from .llama import LlamaFamilyAdapter, check_tensor_shapes
 
 QKV = "self_attn.qkv_proj.weight"
@@ -77,11 +77,7 @@ class Phi3Adapter(LlamaFamilyAdapter):
 
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors under the Llama names: q/k/v and gate/up split out of the fused ones."""
-        prefix = self.layer_prefix(i)
-        names = self.reader.names_with_prefix(prefix)
-        if not names:
-            raise CheckpointError(f"no tensors for layer {i} ({prefix}*) in {self.reader.folder}")
-        tensors = {n[len(prefix):]: t for n, t in self.reader.read(names).items()}
+        tensors = self.read_stored_layer(i)
         check_tensor_shapes(self.checkpoint_layer_shapes(i), tensors, f"layer {i} of {self.reader.folder}")
         q, kv, f = self._sizes()
         # clones: each split tensor owns its storage (the writer saves them separately)
