@@ -35,10 +35,11 @@ from .run.interrupts import graceful_stop
 from .run.journal import RunDir, digest
 from .methods import build_method
 from .methods.base import Decision, LayerData, Method
-from .storage.prefetch import Prefetcher, stage_on_host, to_device
+from .storage.prefetch import Prefetcher, to_device
 from .spec import LayerSpec
 from .run.profile import GiB, LayerProfile, append_line, peak_rss_bytes
-from .stream import embed_to_boundary, final_head, position_embeddings, propagate
+from .stream import embed_to_boundary, final_head, position_embeddings, read_ahead
+from .survey import run_survey, search_windows
 from .inputs.textdata import calibration_windows, resolve_text_source
 
 
@@ -105,53 +106,6 @@ def servable_method(cfg: PruneConfig, method):
         raise ConfigError(f"--format {cfg.format} needs --option {clash[0]}={extra[clash[0]]}, got "
                           f"{clash[0]}={cfg.method_options[clash[0]]}: drop that --option or use --format streamprune")
     return build_method(cfg.method, cfg.ratio, {**cfg.method_options, **extra})
-
-
-@torch.no_grad()
-def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop,
-               forks: ForkSet | None = None, head=None) -> list[dict]:
-    """Dense model over dense hidden states; per-layer results from the method.
-
-    ``stop`` (the run's SIGINT/SIGTERM flag) is checked before every layer: the survey is
-    journaled only whole, so a stop inside it ends the process at once (``Interrupted``) and
-    the resumed run starts the survey again, instead of running it to its end first (on a 70B
-    model: 80 dense layers over the calibration set).
-
-    ``forks`` (a method that ``needs_forks``): each layer's candidates fork the search rows'
-    dense stream after the layer's statistics are in, every fork advances with the dense layer
-    read once, and at the end ``head`` (final norm, lm_head) scores each by its KL from the
-    dense model, per token over all ranks: ``results[l]["fork_kl"]`` (:mod:`streamprune.forks`)."""
-    results = []
-    with read_ahead(adapter, 0, device, dtype) as ahead:
-        for i in tqdm(range(adapter.num_layers), desc="survey", disable=not progress):
-            stop.check(f"during the survey, before its layer {i} (a resume starts the survey again)")
-            weights = to_device(next(ahead), device, dtype)
-            layer = adapter.build_layer(i, weights, device, dtype)
-            obs = method.survey_observer(i, weights)
-            propagate(layer, cache, i, pe, device, observer=obs)
-            ranks.reduce_observer(obs)
-            cache.drop(i)
-            results.append(method.survey_result(i, obs))
-            if forks is not None:
-                candidates = (adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype)
-                              for d in method.fork_candidates(i, weights, obs, results[-1]))
-                forks.step(i, layer, candidates, pe, device)
-                crash_point(f"fork:{i}")
-    if forks is not None:
-        kls, tokens = forks.divergences(adapter.num_layers, *head, device)
-        layers = sorted(kls)
-        sums = ranks.sum_floats(*(v for l in layers for v in kls[l]), float(tokens))
-        *flat, tokens = sums
-        for l in layers:
-            n = len(kls[l])
-            results[l]["fork_kl"] = torch.tensor(flat[:n], dtype=torch.float64) / tokens
-            flat = flat[n:]
-    return results
-
-
-def read_ahead(adapter, start: int, device, dtype) -> Prefetcher:
-    """Layer tensors from ``start`` on, read (and pinned on CUDA) one layer ahead on a thread."""
-    return Prefetcher(lambda j: stage_on_host(adapter.read_layer(j), device, dtype), range(start, adapter.num_layers))
 
 
 def nbytes(tensors: dict) -> int:
@@ -363,11 +317,6 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 
-    def search_tokens(rows: int) -> torch.Tensor:
-        """The search's windows: drawn after the calibration ones with the same seed (other documents)."""
-        every = calibration_windows(tokenizer, source, cfg.nsamples + rows, cfg.seqlen, cfg.seed)[cfg.nsamples:]
-        return every[ranks.shard(rows, "search rows", "--option search_rows")]
-
     # ---- survey pass (journaled: a resume never repeats it) --------------------------
     if method.needs_survey:
         survey = run.load_survey(records, shapes.num_layers)
@@ -379,8 +328,9 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
                     embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
                     head = None
                     if forks is not None:
-                        forks.embed(search_tokens(method.fork_rows), embed,
-                                    min(chunk_rows, fork_chunk_rows(method.fork_rows, cfg.seqlen, shapes.vocab_size)), dtype)
+                        rows = method.fork_rows
+                        forks.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
+                                    embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
                         head = final_head(adapter, outer, embed, device, dtype)
                     survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head)
                 finally:  # stopped or failed too: its activations are never reused

@@ -88,6 +88,18 @@ class ForkSet:
             out.setdefault(layer, []).append(total)
         return out, tokens
 
+    def kl_per_token(self, boundary: int, norm, head: torch.Tensor, device, ranks) -> dict[int, torch.Tensor]:
+        """Per spawning layer, its forks' KL per token (float64, spawn order), summed over the ranks."""
+        kls, tokens = self.divergences(boundary, norm, head, device)
+        layers = sorted(kls)
+        *flat, tokens = ranks.sum_floats(*(v for layer in layers for v in kls[layer]), float(tokens))
+        out, at = {}, 0
+        for layer in layers:
+            n = len(kls[layer])
+            out[layer] = torch.tensor(flat[at:at + n], dtype=torch.float64) / tokens
+            at += n
+        return out
+
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self.forks = []

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .storage.activations import ActivationCache
+from .storage.prefetch import Prefetcher, stage_on_host
 from .observers import observing
 
 
@@ -76,3 +77,8 @@ def token_nll(cache: ActivationCache, boundary: int, tokens: torch.Tensor, norm,
             total += F.cross_entropy(logits[:-1], ids[row, 1:], reduction="sum").item()
             count += ids.shape[1] - 1
     return total, count
+
+
+def read_ahead(adapter, start: int, device, dtype) -> Prefetcher:
+    """Layer tensors from ``start`` on, read (and pinned on CUDA) one layer ahead on a thread."""
+    return Prefetcher(lambda j: stage_on_host(adapter.read_layer(j), device, dtype), range(start, adapter.num_layers))

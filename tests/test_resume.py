@@ -149,10 +149,10 @@ def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_ma
     layer (not after the whole survey and the first layer), and leave nothing to clean up."""
     import signal
 
-    from streamprune import engine
+    from streamprune import survey
     from streamprune.cli import main
 
-    real, seen = engine.propagate, []
+    real, seen = survey.propagate, []
 
     def signal_in_survey_layer_1(layer, cache, i, *args, **kwargs):
         seen.append(i)
@@ -160,7 +160,7 @@ def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_ma
             os.kill(os.getpid(), signal.SIGTERM)
         return real(layer, cache, i, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "propagate", signal_in_survey_layer_1)
+    monkeypatch.setattr(survey, "propagate", signal_in_survey_layer_1)
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     cmd = ["prune", str(tiny_llama), "--method", "slimllm", "--ratio", "0.3", *ARGS]
     assert main([*cmd, "--out", str(out)]) == 130
@@ -168,7 +168,7 @@ def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_ma
     assert "stopped by SIGTERM during the survey, before its layer 2" in err and "run the same command again" in err
     assert seen == [0, 1] and not out.exists()
     assert not list((tmp_path / "out.work").rglob("*.safetensors"))  # the survey's activations are gone
-    monkeypatch.setattr(engine, "propagate", real)
+    monkeypatch.setattr(survey, "propagate", real)
     assert main([*cmd, "--out", str(out)]) == 0 and main([*cmd, "--out", str(fresh)]) == 0
     capsys.readouterr()
     assert digests(out) == digests(fresh)

@@ -82,7 +82,7 @@ from .observers import AllocationObserver
 from .reconstruct import PRECISIONS, ReconSettings, reconstruct_layer
 from .selection import OBS_DTYPE, obs_ffn_given, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
 from ...forks import LOGIT_BUDGET
-from .search import fork_levels, kl_scaled
+from .search import fork_count, fork_flop, fork_levels, kl_scaled
 from .servable import ServableLayer, uniform_plan
 from .servable import allocate as allocate_servable
 
@@ -481,25 +481,15 @@ class Cascade(Method):
                          + (cfg.recon_epochs + 1) * val * 2 * s.num_params() for s in specs))
 
     def fork_count(self, shapes: ModelShapes) -> int:
-        """How many forks the search spawns (candidates per layer × layers)."""
+        """How many forks the search spawns (:func:`.search.fork_count`)."""
         if not self.needs_forks:
             return 0
-        f = shapes.intermediate_size
         multiple = self.config.ffn_multiple if self.servable else self.config.obs_block
-        per_layer = len(fork_levels(self._alloc_cap(f), self.config.search_levels, multiple))
-        return per_layer * shapes.num_layers + (shapes.num_layers - 1 if self.servable else 0)
+        return fork_count(shapes.num_layers, self._alloc_cap(shapes.intermediate_size), self.config.search_levels, multiple,
+                          attention=self.servable)
 
     def fork_flop(self, shapes: ModelShapes, seqlen: int) -> float:
-        """The search's arithmetic (:mod:`streamprune.forks`): a fork of layer ``l`` runs layers ``l..L-1``
-        (a candidate, then dense ones: ~half the model on average) and the head over the search
-        rows; each FFN candidate's down_proj solve (one ``f × f`` Cholesky at most)."""
-        if not self.needs_forks:
-            return 0.0
-        tokens, n = self.fork_rows * seqlen, self.fork_count(shapes)
-        layer, L = shapes.dense_spec().num_params(), shapes.num_layers
-        f, d = shapes.intermediate_size, shapes.hidden_size
-        forward = n * 2 * tokens * (layer * (L + 1) / 2 + shapes.vocab_size * d)
-        return float(forward + n * (f ** 3 / 3 + 2 * d * f * f))
+        return fork_flop(shapes, self.fork_rows * seqlen, self.fork_count(shapes)) if self.needs_forks else 0.0
 
     def host_workspace_bytes(self, shapes: ModelShapes, nsamples: int, seqlen: int) -> int:
         """``recon_target="dense_layer"``: the dense layer's outputs on the calibration set, kept

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...shapes import ModelShapes
+
 
 def fork_levels(cap: int, n: int, multiple: int = 1) -> list[int]:
     """The FFN channel counts the forks remove: ``cap · j / n`` for ``j = 1..n`` rounded to a
@@ -35,6 +37,21 @@ def fork_levels(cap: int, n: int, multiple: int = 1) -> list[int]:
         return []
     levels = {min(cap, max(multiple, round(cap * j / n / multiple) * multiple)) for j in range(1, n + 1)}
     return sorted(levels)
+
+
+def fork_count(num_layers: int, cap: int, levels: int, multiple: int, attention: bool) -> int:
+    """The forks over the model: each layer's FFN levels, and (``attention``) one attention removal
+    in every layer but the first."""
+    return len(fork_levels(cap, levels, multiple)) * num_layers + (num_layers - 1 if attention else 0)
+
+
+def fork_flop(shapes: ModelShapes, tokens: int, forks: int) -> float:
+    """The search's arithmetic (:mod:`streamprune.forks`) over ``tokens`` search tokens: a fork of
+    layer ``l`` runs layers ``l..L-1`` (a candidate, then dense ones: ~half the model on average)
+    and the head; each FFN candidate's down_proj solve is one ``f × f`` Cholesky at most."""
+    layer, L = shapes.dense_spec().num_params(), shapes.num_layers
+    f, d = shapes.intermediate_size, shapes.hidden_size
+    return float(forks * 2 * tokens * (layer * (L + 1) / 2 + shapes.vocab_size * d) + forks * (f ** 3 / 3 + 2 * d * f * f))
 
 
 def kl_scaled(curve: Tensor, ks: list[int], kls: list[float]) -> Tensor:
