@@ -275,6 +275,37 @@ def write_and_commit(ctx: LayerContext, i: int, decision: Decision, prof: LayerP
     return out_bytes
 
 
+def survey_pass(cfg, method, adapter, shapes, run: RunDir, records, acts, outer, embed, pe, device, dtype, chunk_rows,
+                tokenizer, source, calib_tokens, ranks: Ranks, stop) -> list[dict]:
+    """The survey (:func:`streamprune.survey.run_survey`), from the first layer a killed run did not
+    commit when every rank still holds its input boundary (and the forks theirs), else from
+    layer 0; journaled per layer, then whole. Its activations are cleared once it is done."""
+    survey_cache = ActivationCache(acts / "survey")
+    forks = ForkSet(acts / "forks") if method.needs_forks else None
+    done = run.surveyed_layers(records)
+    resumable = bool(done) and survey_cache.is_complete(len(done)) and (forks is None or forks.resume(len(done)))
+    if not ranks.all_true(resumable):
+        done = []
+    with disk_errors("the survey activations", run):
+        head = final_head(adapter, outer, embed, device, dtype) if forks is not None else None
+        if not done:
+            survey_cache.clear()
+            embed_to_boundary(survey_cache, calib_tokens(), embed, chunk_rows, dtype)
+            if forks is not None:
+                rows = method.fork_rows
+                forks.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
+                            embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
+        save = lambda i, result: run.save_survey_layer(i, result)  # noqa: E731
+        survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head,
+                            done=done, commit=save)
+    with disk_errors("the survey results", run):
+        ranks.on_main(lambda: run.save_survey(survey))
+    survey_cache.clear()
+    if forks is not None:
+        forks.clear()
+    return survey
+
+
 @torch.no_grad()
 def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     t_start = time.perf_counter()
@@ -317,29 +348,12 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 
-    # ---- survey pass (journaled: a resume never repeats it) --------------------------
+    # ---- survey pass (journaled layer by layer: a resume goes on from the layer in flight)
     if method.needs_survey:
         survey = run.load_survey(records, shapes.num_layers)
         if survey is None:
-            tokens, survey_cache = calib_tokens(), ActivationCache(acts / "survey")
-            forks = ForkSet(acts / "forks") if method.needs_forks else None
-            with disk_errors("the survey activations", run):
-                try:
-                    embed_to_boundary(survey_cache, tokens, embed, chunk_rows, dtype)
-                    head = None
-                    if forks is not None:
-                        rows = method.fork_rows
-                        forks.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
-                                    embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
-                        head = final_head(adapter, outer, embed, device, dtype)
-                    survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head)
-                finally:  # stopped or failed too: its activations are never reused
-                    survey_cache.clear()
-                    if forks is not None:
-                        forks.clear()
-            with disk_errors("the survey results", run):
-                if ranks.is_main:
-                    run.save_survey(survey)
+            survey = survey_pass(cfg, method, adapter, shapes, run, records, acts, outer, embed, pe, device, dtype,
+                                 chunk_rows, tokenizer, source, calib_tokens, ranks, stop)
         method.plan(shapes, survey=survey)
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --

@@ -17,9 +17,11 @@ cut grows by the head, which a layer's own error cannot tell. Cost: a fork spawn
 ``K L / 2`` dense-model passes over them (and one head each); on disk, the forks alive at a
 boundary hold ``K i + 1`` copies of the search rows' hidden states (two boundaries at a time).
 
-Everything is in an :class:`ActivationCache` per fork under ``root``; the survey is journaled
-whole, so a run stopped inside it clears the folder and starts again (deterministic: the same
-result, byte for byte).
+Everything is in an :class:`ActivationCache` per fork under ``root``, named after the layer
+and candidate that spawned it. A step writes boundary ``i + 1`` of the reference and of every
+fork and leaves boundary ``i`` in place until the survey has committed layer ``i``
+(:meth:`ForkSet.drop`): a run killed inside step ``i`` resumes at it (:meth:`ForkSet.resume`),
+deterministic, the same result byte for byte.
 """
 
 from __future__ import annotations
@@ -55,10 +57,25 @@ class ForkSet:
         self.clear()
         embed_to_boundary(self.reference, tokens, embed, chunk_rows, dtype)
 
+    def resume(self, boundary: int) -> bool:
+        """Take up the forks a killed survey left, at ``boundary`` (its first uncommitted layer):
+        the ones spawned before it, in spawn order; those spawned at or after it are removed
+        (respawned by its step). False, with nothing taken, if any stream lacks the boundary."""
+        spawned = sorted(p for p in self.root.glob("fork_*") if p.is_dir()) if self.root.is_dir() else []
+        keep = [(int(p.name.split("_")[1]), ActivationCache(p)) for p in spawned]
+        keep = [(layer, c) for layer, c in keep if layer < boundary]
+        if not all(c.is_complete(boundary) for c in [self.reference] + [c for _, c in keep]):
+            return False
+        for p in spawned:
+            if int(p.name.split("_")[1]) >= boundary:
+                shutil.rmtree(p)
+        self.forks = keep
+        return True
+
     @torch.no_grad()
     def step(self, i: int, dense, candidates: list, pe, device) -> None:
         """Spawn a fork of layer ``i`` per candidate layer, then advance the reference and the
-        older forks through the dense layer ``i``."""
+        older forks through the dense layer ``i`` (boundary ``i`` stays: :meth:`drop`)."""
         older = list(self.forks)
         for j, layer in enumerate(candidates):
             fork = ActivationCache(self.root / f"fork_{i:04d}_{j:03d}")
@@ -66,9 +83,13 @@ class ForkSet:
             self.forks.append((i, fork))
         for _, fork in older:
             apply(dense, fork, fork, i, pe, device)
-            fork.drop(i)
         apply(dense, self.reference, self.reference, i, pe, device)
-        self.reference.drop(i)
+
+    def drop(self, boundary: int) -> None:
+        """Remove ``boundary`` from every stream (once the layer before it is committed)."""
+        for _, fork in self.forks:
+            fork.drop(boundary)
+        self.reference.drop(boundary)
 
     @torch.no_grad()
     def divergences(self, boundary: int, norm, head: torch.Tensor, device) -> tuple[dict[int, list[float]], int]:

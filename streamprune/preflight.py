@@ -72,8 +72,9 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
              storage_itemsize: int = 4, fork_rows: int = 0, forks: int = 0) -> Forecast:
     """``dense_passes`` / ``pruned_passes``: how many times each layer, dense and pruned, runs over
     the calibration tokens (the observation passes and the streams the method keeps). ``forks``
-    spawned in the survey over ``fork_rows`` search windows (:mod:`streamprune.forks`): each holds
-    one boundary of them on disk until the survey ends, and writes one per layer it runs."""
+    spawned in the survey over ``fork_rows`` search windows (:mod:`streamprune.forks`): each, and
+    their reference, holds two boundaries of them on disk at the end of a survey step (the one a
+    resume starts from is dropped once the layer is committed), and writes one per layer it runs."""
     itemsize = dtype.itemsize
     chunk_rows = min(chunk_rows, nsamples)  # a chunk never holds more windows than there are
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
@@ -98,7 +99,7 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     output = shapes.total_params(specs) * storage_itemsize  # written in the source checkpoint's dtype
     extra_streams = int(dense_stream) + int(decision_stream)  # two boundaries each, like the pruned stream
     fork_boundary = fork_rows * seqlen * shapes.hidden_size * itemsize
-    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams + (forks + 2 if forks else 0) * fork_boundary
+    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams + (2 * (forks + 1) if forks else 0) * fork_boundary
     tokens = nsamples * seqlen
     dense_layer = shapes.dense_spec().num_params()
     forward_flop = 2 * tokens * sum(dense_layer * (dense_passes + int(survey)) + spec.num_params() * pruned_passes for spec in specs)

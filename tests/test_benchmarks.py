@@ -383,3 +383,35 @@ def test_bench_out_of_core_tiny_kills_resumes_and_records(tmp_path):
     timeline = json.loads((results / "out_of_core_tiny_magnitude.json").read_text())
     assert [r["layer"] for r in timeline["layers"]] == list(range(6))  # layers 0-2 by the killed process, 3-5 by the resume
     assert (results / "out_of_core_memory_tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_out_of_core_tiny_continues_after_it_was_stopped_inside_the_survey(tmp_path):
+    """The whole benchmark (its sampler and the prune) killed inside cascade's survey, as when a
+    machine is taken back in the middle of a multi-hour run: ``--continue`` resumes the prune at
+    the survey layer in flight, and the record covers both processes."""
+    import signal
+
+    results, root = tmp_path / "results", tmp_path / "root"
+    cmd = [sys.executable, str(BENCH / "bench_out_of_core.py"), "--shape", "tiny", "--root", str(root), "--results", str(results),
+           "--methods", "cascade", "--interval", "0.2", "--save-every", "0.2"]
+    env = {**os.environ, "STREAMPRUNE_STALL_AT": "surveyed:2:120"}  # the prune holds still after its survey layer 2
+    bench = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = root / "out-tiny-cascade-20.bench.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and bench.poll() is None:
+        if state.is_file() and [r["layer"] for r in json.loads(state.read_text())["runs"][-1]["survey"]] == [0, 1, 2]:
+            break
+        time.sleep(0.2)
+    assert bench.poll() is None, bench.stderr.read()[-3000:]
+    os.killpg(bench.pid, signal.SIGKILL)  # the sampler and the prune together
+    bench.wait()
+    proc = subprocess.run([*cmd, "--continue"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["processes"] == 2 and rec["resume_points"] == [{"survey": 3, "layers": 0}]  # survey layers 0-2 were kept
+    assert len(rec["peak_rss_bytes_per_process"]) == 2 and all(p > 0 for p in rec["peak_rss_bytes_per_process"])
+    assert abs(rec["achieved_ratio"] - 0.2) < 0.01 and 1 < rec["eval_ppl"] < 1e5 and rec["lost_s"] >= 0
+    timeline = json.loads((results / "out_of_core_tiny_cascade.json").read_text())
+    assert [r["layer"] for r in timeline["survey"]] == list(range(6))  # each survey layer once: 0-2 before the kill, 3-5 after
+    assert [r["layer"] for r in timeline["layers"]] == list(range(6))
+    assert not state.exists()

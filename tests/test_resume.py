@@ -144,9 +144,10 @@ def test_sigterm_stops_after_commit_then_resumes(tiny_llama, tmp_path, monkeypat
     assert digests(out) == baseline
 
 
-def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_matches_a_fresh_run(tiny_llama, tmp_path, monkeypatch, capsys):
-    """The survey is journaled only whole: a stop inside it must end the process at the next
-    layer (not after the whole survey and the first layer), and leave nothing to clean up."""
+def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_goes_on_there(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A stop inside the survey ends the process before its next layer (not after the whole
+    survey and the first layer); the rerun surveys from that layer on, and the output is a
+    fresh run's."""
     import signal
 
     from streamprune import survey
@@ -167,8 +168,12 @@ def test_sigterm_during_the_survey_stops_before_its_next_layer_then_the_rerun_ma
     err = capsys.readouterr().err
     assert "stopped by SIGTERM during the survey, before its layer 2" in err and "run the same command again" in err
     assert seen == [0, 1] and not out.exists()
-    assert not list((tmp_path / "out.work").rglob("*.safetensors"))  # the survey's activations are gone
+    assert (tmp_path / "out.work" / "acts" / "survey" / "boundary_0002" / "complete.json").is_file()  # the resume point
+    seen.clear()
+    monkeypatch.setattr(survey, "propagate", lambda layer, cache, i, *a, **k: seen.append(i) or real(layer, cache, i, *a, **k))
+    assert main([*cmd, "--out", str(out)]) == 0
+    assert seen == [2, 3]  # the survey's remaining layers only
     monkeypatch.setattr(survey, "propagate", real)
-    assert main([*cmd, "--out", str(out)]) == 0 and main([*cmd, "--out", str(fresh)]) == 0
+    assert main([*cmd, "--out", str(fresh)]) == 0
     capsys.readouterr()
     assert digests(out) == digests(fresh)

@@ -167,10 +167,14 @@ def test_e2e_kill_inside_the_search_then_resume_is_byte_identical(tiny_llama, tm
     killed = run_cli(*cmd, "--out", tmp_path / "out", crash_at="fork:2")
     assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "out.work" / "acts" / "forks").is_dir()  # killed with forks on disk
+    journal = tmp_path / "out.work" / "journal.jsonl"
+    surveyed = lambda: [r["layer"] for r in map(json.loads, journal.read_text().splitlines()) if r["event"] == "survey_layer"]  # noqa: E731
+    assert surveyed() == [0, 1]  # layer 2 was in flight
     resumed = run_cli(*cmd, "--out", tmp_path / "out")
     assert resumed.returncode == 0, resumed.stderr
+    assert surveyed() == list(range(4))  # the resume went on at layer 2: nothing surveyed twice
     assert digests(tmp_path / "out") == digests(tmp_path / "ref")
-    assert not (tmp_path / "out.work" / "acts" / "forks").exists()
+    assert not (tmp_path / "out.work" / "acts" / "forks").exists() and not (tmp_path / "out.work" / "survey").exists()
 
 
 def test_preflight_counts_the_forks():

@@ -3,7 +3,8 @@
 ``STREAMPRUNE_CRASH_AT=point``: the process kills itself with SIGKILL there (no cleanup,
 no flush: exactly what an OOM kill does). ``STREAMPRUNE_STALL_AT=point:SECONDS``: it
 sleeps there (a run that is alive and holds its lock, for the concurrency tests).
-Points: ``observe:L`` (layer L's statistics pass), ``written:L`` (layer L's tensors are
+Points: ``fork:L`` (the survey's layer L forked, not journaled), ``surveyed:L`` (journaled,
+its input boundary still on disk), ``observe:L`` (layer L's statistics pass), ``written:L`` (layer L's tensors are
 on disk but not journaled), ``committed:L``, ``finalize`` (output staged, not published).
 Under torchrun ``STREAMPRUNE_CRASH_RANK=r`` limits the crash to rank ``r``.
 """

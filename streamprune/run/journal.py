@@ -4,7 +4,8 @@ Layout of a run directory::
 
     lock                  held (flock) by the live run, see runlock.py
     manifest.json         fingerprint of the job (written once, atomically)
-    journal.jsonl         one fsynced JSON line per event: survey done, layer committed
+    journal.jsonl         one fsynced JSON line per event: survey layer / survey done, layer committed
+    survey/               each surveyed layer's results until the survey is done (its resume point)
     survey.safetensors    survey-pass results (so a resume never repeats the survey)
     profile.jsonl         one line per layer: timings, memory, bytes
     acts/boundary_XXXX/   activation cache (the resume point)
@@ -87,6 +88,7 @@ class RunDir:
         self.manifest_path = self.root / "manifest.json"
         self.journal_path = self.root / "journal.jsonl"
         self.survey_path = self.root / "survey.safetensors"
+        self.survey_layers = self.root / "survey"
         self.profile_path = self.root / "profile.jsonl"
         self.acts = self.root / "acts"
         self.staging = self.root / "staging"
@@ -111,6 +113,7 @@ class RunDir:
             repair_tail(self.journal_path)
             repair_tail(self.profile_path)
             atomic.sweep_tmp(self.staging)
+            atomic.sweep_tmp(self.survey_layers)
             return self.records()
         self.root.mkdir(parents=True, exist_ok=True)
         # No manifest: whatever else is here belongs to no job (a --fresh wipe or a first
@@ -118,6 +121,7 @@ class RunDir:
         for stale in (self.journal_path, self.survey_path, self.profile_path):
             stale.unlink(missing_ok=True)
         shutil.rmtree(self.acts, ignore_errors=True)
+        shutil.rmtree(self.survey_layers, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
         manifest = {"fingerprint": fingerprint, "fingerprint_sha256": digest(fingerprint), "job": job or {}}
@@ -173,10 +177,32 @@ class RunDir:
                 )
 
     # ---- survey -------------------------------------------------------------------------
+    def save_survey_layer(self, layer: int, result: dict[str, torch.Tensor]) -> None:
+        """Commit one surveyed layer's results (the caller has made the survey streams' next
+        boundary durable): a resume continues the survey after it."""
+        path = self.survey_layers / f"layer_{layer:04d}.safetensors"
+        self.survey_layers.mkdir(exist_ok=True)
+        atomic.write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in result.items()})
+        self.append({"event": "survey_layer", "layer": layer, "file": path.name, "sha256": file_sha256(path)})
+
+    def surveyed_layers(self, records: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """The committed survey results of layers ``0 .. k-1`` (the longest run from layer 0; a
+        layer surveyed again after a restart counts its last record), their files verified."""
+        last = {r["layer"]: r for r in records if r.get("event") == "survey_layer"}
+        out = []
+        while len(out) in last:
+            rec = last[len(out)]
+            path = self.survey_layers / rec["file"]
+            if not path.is_file() or file_sha256(path) != rec["sha256"]:
+                break  # the survey resumes before it
+            out.append(load_file(path))
+        return out
+
     def save_survey(self, results: list[dict[str, torch.Tensor]]) -> None:
         flat = {f"{i}.{k}": v.detach().cpu().contiguous() for i, r in enumerate(results) for k, v in r.items()}
         atomic.write_safetensors(self.survey_path, flat)
         self.append({"event": "survey", "layers": len(results), "sha256": file_sha256(self.survey_path)})
+        shutil.rmtree(self.survey_layers, ignore_errors=True)  # the whole file stands for them now
 
     def load_survey(self, records: list[dict], num_layers: int) -> list[dict[str, torch.Tensor]] | None:
         if not any(r.get("event") == "survey" for r in records) or not self.survey_path.is_file():
