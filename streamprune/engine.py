@@ -38,7 +38,7 @@ from .methods.base import Decision, LayerData, Method
 from .storage.prefetch import Prefetcher, to_device
 from .spec import LayerSpec
 from .run.profile import GiB, LayerProfile, append_line, peak_rss_bytes
-from .stream import embed_to_boundary, final_head, position_embeddings, read_ahead
+from .stream import embed_to_boundary, final_head, position_embeddings, read_ahead, token_embedding
 from .survey import run_survey, search_windows
 from .inputs.textdata import calibration_windows, resolve_text_source
 
@@ -344,7 +344,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     committed = run.committed_layers(records)
     acts = ranks.acts_dir(run.acts)  # this rank's activation streams
     outer = adapter.read_outer()
-    embed = outer["model.embed_tokens.weight"].to(device, dtype)
+    embed = token_embedding(adapter, outer, device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     calib_tokens = lambda: calibration_windows(tokenizer, source, cfg.nsamples, cfg.seqlen, cfg.seed)[ranks.shard(cfg.nsamples)]  # noqa: E731
 

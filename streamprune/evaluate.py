@@ -28,7 +28,7 @@ from .config import resolve_device, resolve_dtype
 from .distributed import Ranks, joined
 from .errors import ConfigError
 from .run.interrupts import sigterm_raises
-from .stream import embed_to_boundary, final_head, position_embeddings, propagate, token_nll
+from .stream import embed_to_boundary, final_head, position_embeddings, propagate, token_embedding, token_nll
 from .inputs.textdata import eval_windows, resolve_text_source
 
 
@@ -108,7 +108,7 @@ def _perplexity(cfg: EvalConfig, ranks: Ranks) -> dict:
     tokens = _windows(cfg.model, cfg)
     mine = tokens[ranks.shard(tokens.shape[0], "evaluation windows", "--max-windows (or lower --seqlen)")]
     outer = adapter.read_outer()
-    embed = outer["model.embed_tokens.weight"].to(device, dtype)
+    embed = token_embedding(adapter, outer, device, dtype)
     norm, head = final_head(adapter, outer, embed, device, dtype)
     pe = position_embeddings(adapter.rotary(device), cfg.seqlen, device, dtype)
     chunk_rows = max(1, cfg.chunk_tokens // cfg.seqlen)

@@ -9,7 +9,10 @@ Tensor names of a pruned layer (under ``model.layers.{i}.``), PyTorch ``W[out, i
 - norms, by ``norm_placement``: ``"pre"`` (Llama, Qwen2/3, Mistral: before each sub-block)
   ``input_layernorm.weight`` (d) and ``post_attention_layernorm.weight`` (d, before the MLP);
   ``"post"`` (OLMo 2: on each sub-block's output, before the residual add)
-  ``post_attention_layernorm.weight`` (d) and ``post_feedforward_layernorm.weight`` (d)
+  ``post_attention_layernorm.weight`` (d) and ``post_feedforward_layernorm.weight`` (d);
+  ``"sandwich"`` (Gemma 3: both, before each sub-block and on its output)
+  ``input_layernorm.weight``, ``post_attention_layernorm.weight``,
+  ``pre_feedforward_layernorm.weight`` and ``post_feedforward_layernorm.weight`` (d each)
 - q/k RMSNorms between the projection and RoPE, by ``qk_norm`` (only when the layer has
   heads): ``"head"`` (Qwen3: one weight per head dim, shared by all heads)
   ``self_attn.q_norm.weight`` / ``self_attn.k_norm.weight`` (head_dim); ``"proj"`` (OLMo 2:
@@ -39,7 +42,13 @@ from dataclasses import asdict, dataclass, fields
 # Llama-family specs serialise exactly as in version 1.
 SPEC_VERSION = 2
 QK_NORMS = ("none", "head", "proj")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+# The RMSNorms of each placement (tensor ``NAME.weight``, (d,)), in the order tensor_shapes lists them.
+BLOCK_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "post": ("post_feedforward_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
 _V1_DEFAULTS = {"qk_norm": "none", "norm_placement": "pre"}
 
 
@@ -62,7 +71,7 @@ class LayerSpec:
     down_bias: bool = False
     bypass_rank: int = 0  # LC low-rank FFN bypass rank (0 = none)
     qk_norm: str = "none"  # RMSNorm on q/k before RoPE: "none", "head" (per head dim), "proj" (whole projection)
-    norm_placement: str = "pre"  # "pre": norms before the sub-blocks; "post": on their outputs
+    norm_placement: str = "pre"  # "pre": norms before the sub-blocks; "post": on their outputs; "sandwich": both
 
     def __post_init__(self) -> None:
         if self.qk_norm not in QK_NORMS:
@@ -131,11 +140,7 @@ class LayerSpec:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the layer, name (relative to ``model.layers.{i}.``) -> shape."""
         d = self.hidden_size
-        second = "post_feedforward_layernorm" if self.norm_placement == "post" else "input_layernorm"
-        out: dict[str, tuple[int, ...]] = {
-            f"{second}.weight": (d,),
-            "post_attention_layernorm.weight": (d,),
-        }
+        out: dict[str, tuple[int, ...]] = {f"{norm}.weight": (d,) for norm in BLOCK_NORMS[self.norm_placement]}
         if self.num_heads and self.qk_norm != "none":
             per_head = self.qk_norm == "head"
             out["self_attn.q_norm.weight"] = (self.head_dim if per_head else self.num_heads * self.head_dim,)

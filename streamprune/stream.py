@@ -6,6 +6,8 @@ on the device for all chunks (layer-outer, chunk-inner).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -14,30 +16,51 @@ from .storage.prefetch import Prefetcher, stage_on_host
 from .observers import observing
 
 
-def position_embeddings(rotary, seqlen: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (1, seqlen, head_dim), shared by every chunk of every layer."""
+def position_embeddings(rotary, seqlen: int, device, dtype) -> tuple[torch.Tensor, ...]:
+    """(cos, sin), each (1, seqlen, head_dim), shared by every chunk of every layer; where the
+    RoPE differs by layer type (Gemma 3), every type's pair flattened (``adapter.rotary``)."""
     pos = torch.arange(seqlen, device=device)[None]
     dummy = torch.zeros(1, seqlen, 1, device=device, dtype=dtype)
-    cos, sin = rotary(dummy, pos)  # OLMo 2's rotary returns float32 whatever the dtype
-    return cos.to(dtype), sin.to(dtype)
+    return tuple(t.to(dtype) for t in rotary(dummy, pos))  # OLMo 2's rotary returns float32 whatever the dtype
+
+
+@dataclass(frozen=True)
+class TokenEmbedding:
+    """The input embedding as the architecture computes it: rows of ``weight`` (vocab, d), times
+    ``scale`` in the weight's dtype where the architecture scales them (Gemma 3: sqrt(d)). The
+    weight stays unscaled: it is also the tied head."""
+
+    weight: torch.Tensor  # (vocab, d)
+    scale: float | None = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.weight)  # (rows, T, d)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
+
+
+def token_embedding(adapter, outer: dict, device, dtype) -> TokenEmbedding:
+    """The model's input embedding on the device (``outer``: :meth:`read_outer`'s tensors)."""
+    return TokenEmbedding(outer["model.embed_tokens.weight"].to(device, dtype), adapter.embed_scale)
 
 
 @torch.no_grad()
-def final_head(adapter, outer: dict, embed: torch.Tensor, device, dtype):
-    """(final norm, lm_head weight) on the device (the embedding when tied)."""
+def final_head(adapter, outer: dict, embed: TokenEmbedding, device, dtype):
+    """(final norm, lm_head weight) on the device (the embedding's weight when tied)."""
     norm = adapter.final_norm(device, dtype)
     norm.weight.copy_(outer["model.norm.weight"])
-    head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed
+    head = outer["lm_head.weight"].to(device, dtype) if "lm_head.weight" in outer else embed.weight
     return norm, head
 
 
 @torch.no_grad()
-def embed_to_boundary(cache: ActivationCache, tokens: torch.Tensor, embed: torch.Tensor, chunk_rows: int, dtype) -> None:
+def embed_to_boundary(cache: ActivationCache, tokens: torch.Tensor, embed: TokenEmbedding, chunk_rows: int, dtype) -> None:
     """Boundary 0: embeddings of ``tokens`` (N, T), written in chunks of ``chunk_rows``."""
     w = cache.writer(0)
     for start in range(0, tokens.shape[0], chunk_rows):
-        ids = tokens[start : start + chunk_rows].to(embed.device)
-        w.append(F.embedding(ids, embed).to(dtype))  # (rows, T, d)
+        ids = tokens[start : start + chunk_rows].to(embed.weight.device)
+        w.append(embed(ids).to(dtype))  # (rows, T, d)
     w.close()
 
 

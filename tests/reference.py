@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamprune.adapters import open_model
-from streamprune.adapters.llama import DecoderLayer
 from streamprune.observers import observing
+from streamprune.stream import position_embeddings
 
 
 @torch.no_grad()
@@ -25,10 +25,8 @@ def prune_in_memory(folder, method, tokens: torch.Tensor, survey=None, chunk_row
     adapter = open_model(folder)
     shapes = adapter.shapes()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-    rotary = model.model.rotary_emb
-    pos = torch.arange(tokens.shape[1])[None]
-    hidden = model.model.embed_tokens(tokens)
-    pe = rotary(hidden, pos)
+    hidden = model.model.embed_tokens(tokens)  # as the architecture embeds (Gemma 3: scaled)
+    pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", torch.float32)  # every layer type's RoPE
     if method.needs_survey:
         results, h = [], hidden
         for i, hf_layer in enumerate(model.model.layers):
@@ -83,7 +81,7 @@ def _block(adapter, hf_layer, i: int):
     layer built from its split tensors."""
     weights = dict(hf_layer.state_dict())
     if set(weights) == set(adapter.skeleton(i).state_dict()):
-        return DecoderLayer(hf_layer, i, adapter.taps(adapter.specs[i]), adapter.window(i)), weights
+        return adapter.wrap(hf_layer, i, adapter.specs[i]), weights
     split = adapter.read_layer(i)
     return adapter.build_layer(i, split, "cpu", torch.float32), split
 

@@ -33,10 +33,10 @@ def tiny_tokenizer(vocab_size: int = 384):
 def tiny_config(arch: str = "llama", layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128, tie: bool = False,
                 **extra):
     """``extra``: further fields of the architecture's config (e.g. Qwen3's ``head_dim``)."""
-    from transformers import LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config, "olmo2": Olmo2Config,
-           "phi3": Phi3Config}[arch]
+           "phi3": Phi3Config, "gemma3_text": Gemma3TextConfig}[arch]
     return cls(
         vocab_size=len(tiny_tokenizer()),
         hidden_size=hidden,

@@ -10,11 +10,12 @@ from pathlib import Path
 from ..storage.checkpoint import CheckpointReader, file_sha256
 from ..errors import CheckpointError, UnsupportedArchitectureError
 from .llama import LAYER_CLASSES, SUPPORTED, LlamaFamilyAdapter
+from .gemma3 import Gemma3Adapter, Gemma3ImageTextAdapter
 from .nemotron_nas import NemotronNasAdapter
 from .phi3 import Phi3Adapter
 
 ADAPTERS = {**{t: LlamaFamilyAdapter for t in LAYER_CLASSES}, "streamprune": LlamaFamilyAdapter, "nemotron-nas": NemotronNasAdapter,
-            "phi3": Phi3Adapter}
+            "phi3": Phi3Adapter, "gemma3_text": Gemma3Adapter, "gemma3": Gemma3ImageTextAdapter}
 
 
 def open_model(folder: str | Path) -> LlamaFamilyAdapter:

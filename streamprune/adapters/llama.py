@@ -12,7 +12,13 @@ To add an architecture with the same block structure: add its ``model_type`` to
 ``LAYER_CLASSES`` below, and to ``BLOCKS`` when its norms differ from Llama's. A different
 block structure needs its own adapter file and a line in ``streamprune/adapters/__init__.py``
 (and in ``OWN_ADAPTERS`` below, for the list of supported types): e.g. ``phi3.py``, whose
-checkpoint fuses q/k/v and gate/up and which splits them into this block's names.
+checkpoint fuses q/k/v and gate/up and which splits them into this block's names, or
+``gemma3.py`` (sandwich norms, a scaled embedding, a RoPE per layer type).
+
+Position embeddings: the engine computes them once (``adapter.rotary``) and hands them to
+every layer: ``(cos, sin)``, or, where the RoPE differs by layer type (Gemma 3), the pairs of
+every type flattened, ``(cos_0, sin_0, cos_1, sin_1)``; each :class:`DecoderLayer` takes its
+own pair (``rope``).
 
 Sliding-window attention: a layer the source runs with a window (Mistral, Qwen2/3 with
 ``use_sliding_window``, Phi-3) is called with the window's mask whenever the sequence is
@@ -53,6 +59,7 @@ class Block:
     qk_norm: str = "none"
     norm_placement: str = "pre"
     norm_scale_in_fp32: bool = False  # RMSNorm scales before casting back (StreamPruneRMSNorm)
+    norm_weight_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma 3: 1)
 
 
 BLOCKS = {
@@ -60,9 +67,10 @@ BLOCKS = {
     "olmo2": Block(qk_norm="proj", norm_placement="post", norm_scale_in_fp32=True),
 }
 # Model types with their own adapter file built on this one (streamprune/adapters/__init__.py).
-OWN_ADAPTERS = ("phi3",)
+OWN_ADAPTERS = ("phi3", "gemma3_text", "gemma3")
 SUPPORTED = sorted([*LAYER_CLASSES, *OWN_ADAPTERS]) + ["streamprune (a streamprune output)"]
 
+# The outer tensors, by the names the engine and the output use.
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
 HEAD = "lm_head.weight"
@@ -79,8 +87,10 @@ TAPS = {
     "mlp": "mlp",
     "layer": "",
 }
-# Post-norm blocks (OLMo 2): what reaches the residual is the norm of the sub-block's output,
-# so the attention and FFN output taps read their output after it: (input module, output module).
+# Post-norm and sandwich blocks (OLMo 2, Gemma 3): what reaches the residual is the norm of the
+# sub-block's output, so the attention and FFN output taps read their output after it:
+# (input module, output module). The FFN tap's input is the FFN's own input (Gemma 3: after
+# its pre-norm).
 POST_NORM_TAPS = {
     **TAPS,
     "o_proj": ("self_attn.o_proj", "post_attention_layernorm"),
@@ -91,16 +101,19 @@ POST_NORM_TAPS = {
 class DecoderLayer(nn.Module):
     """One decoder layer with the engine's calling convention: ``(hidden, (cos, sin)) -> hidden``."""
 
-    def __init__(self, inner: nn.Module, index: int = -1, taps: dict | None = None, window: int | None = None):
+    def __init__(self, inner: nn.Module, index: int = -1, taps: dict | None = None, window: int | None = None, rope: int = 0):
         super().__init__()
         self.inner = inner
         self.index = index
         self.taps = TAPS if taps is None else taps
         self.window = window  # the source's sliding window for this layer, or None
+        self.rope = rope  # which (cos, sin) pair of the position embeddings this layer takes
         self._mask: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        out = self.inner(hidden, position_embeddings=position_embeddings, attention_mask=self.window_mask(hidden))
+    def forward(self, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``position_embeddings``: (cos, sin), or the pairs of every layer type flattened (module docstring)."""
+        pair = position_embeddings[2 * self.rope : 2 * self.rope + 2]
+        out = self.inner(hidden, position_embeddings=pair, attention_mask=self.window_mask(hidden))
         return out[0] if isinstance(out, tuple) else out
 
     def window_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -132,6 +145,8 @@ class LlamaFamilyAdapter:
 
     block = Block()
     model_types = (*LAYER_CLASSES, "streamprune")  # the model types this class reads
+    layers_prefix = "model.layers."  # where the checkpoint stores decoder layer i: f"{layers_prefix}{i}."
+    outer_names = {EMBED: EMBED, NORM: NORM, HEAD: HEAD}  # the outer tensors' names in the checkpoint
 
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
@@ -141,17 +156,22 @@ class LlamaFamilyAdapter:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
             )
         self.model_type = model_type
-        self.block = BLOCKS.get(model_type, Block())
-        check_config_values(reader.config_dict, reader.folder / "config.json", dense=model_type != "streamprune")
+        self.block = BLOCKS.get(model_type, type(self).block)
+        check_config_values(self._config_values(), reader.folder / "config.json", dense=model_type != "streamprune")
         self.config = self._load_config()
         self.pruned = model_type == "streamprune"
         if self.pruned:
             self.specs = [LayerSpec.from_dict(d) for d in self.config.layer_specs]
-            self.block = Block(self.specs[0].qk_norm, self.specs[0].norm_placement, bool(self.config.norm_scale_in_fp32))
+            self.block = Block(self.specs[0].qk_norm, self.specs[0].norm_placement, bool(self.config.norm_scale_in_fp32),
+                               float(self.config.norm_weight_offset or 0.0))
         else:
             self._check_supported_options()
             self.specs = [self.shapes().dense_spec()] * self.config.num_hidden_layers
         self._check_checkpoint_matches_config()
+
+    def _config_values(self) -> dict:
+        """The config.json values of the decoder (checked before transformers parses them)."""
+        return self.reader.config_dict
 
     def _load_config(self) -> PretrainedConfig:
         if self.model_type == "streamprune":
@@ -177,7 +197,8 @@ class LlamaFamilyAdapter:
         folder = self.reader.folder
         present = set()
         for name in self.reader.weight_map:
-            part = name.split(".")[2] if name.startswith("model.layers.") and name.count(".") >= 3 else ""
+            rest = name[len(self.layers_prefix):] if name.startswith(self.layers_prefix) else ""
+            part = rest.split(".")[0] if "." in rest else ""
             if part.isdigit():
                 present.add(int(part))
         n = self.config.num_hidden_layers
@@ -197,6 +218,7 @@ class LlamaFamilyAdapter:
                 )
         d, v = c.hidden_size, c.vocab_size
         for name, want in ((EMBED, (v, d)), (NORM, (d,)), (HEAD, (v, d))):
+            name = self.outer_names[name]
             if self.reader.has(name) and self.reader.shape(name) != want:
                 raise CheckpointError(
                     f"{name} has shape {self.reader.shape(name)} but {folder}/config.json (vocab_size {v}, hidden_size {d}) "
@@ -237,12 +259,17 @@ class LlamaFamilyAdapter:
         return self.config.num_hidden_layers
 
     @property
+    def embed_scale(self) -> float | None:
+        """What the input embedding's rows are multiplied by (Gemma 3: sqrt(hidden_size)), or None."""
+        return getattr(self.config, "embed_scale", None)
+
+    @property
     def tied(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False)) or not self.reader.has(HEAD)
+        return bool(getattr(self.config, "tie_word_embeddings", False)) or not self.reader.has(self.outer_names[HEAD])
 
     # ---- reading ----------------------------------------------------------------------
     def layer_prefix(self, i: int) -> str:
-        return f"model.layers.{i}."
+        return f"{self.layers_prefix}{i}."
 
     def read_stored_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors as the checkpoint stores them, named relative to ``model.layers.{i}.``."""
@@ -261,7 +288,8 @@ class LlamaFamilyAdapter:
     def read_outer(self) -> dict[str, torch.Tensor]:
         """Embedding, final norm and (if untied) lm_head."""
         names = [EMBED, NORM] + ([] if self.tied else [HEAD])
-        return self.reader.read(names)
+        stored = self.reader.read([self.outer_names[n] for n in names])
+        return {n: stored[self.outer_names[n]] for n in names}
 
     # ---- building ---------------------------------------------------------------------
     def skeleton(self, i: int) -> nn.Module:
@@ -279,7 +307,16 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i, self.taps(self.specs[i]), self.window(i)).eval()
+        return self.wrap(layer, i, self.specs[i])
+
+    def wrap(self, inner: nn.Module, i: int, spec: LayerSpec) -> DecoderLayer:
+        """Layer ``i`` (a transformers or a pruned decoder layer of ``spec``'s block) with the engine's calling convention."""
+        return DecoderLayer(inner, i, self.taps(spec), self.window(i), self.rope_slot(i)).eval()
+
+    def rope_slot(self, i: int) -> int:
+        """Which (cos, sin) pair of :meth:`rotary`'s output layer ``i`` takes (0 unless the RoPE differs by layer type)."""
+        kinds = sp.rope_layer_types(self.config)
+        return 0 if kinds is None else kinds.index(self.config.layer_types[i])
 
     def window(self, i: int) -> int | None:
         """The sliding window the source applies in layer i, or None (full causal attention)."""
@@ -291,12 +328,12 @@ class LlamaFamilyAdapter:
     @staticmethod
     def taps(spec: LayerSpec) -> dict:
         """The observer taps of a layer of ``spec``'s block kind."""
-        return POST_NORM_TAPS if spec.norm_placement == "post" else TAPS
+        return POST_NORM_TAPS if spec.norm_placement in ("post", "sandwich") else TAPS
 
     def final_norm(self, device, dtype) -> nn.Module:
         """The model's final RMSNorm (its weight still to be loaded), as the architecture computes it."""
-        return sp.StreamPruneRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps,
-                                     scale_in_fp32=self.block.norm_scale_in_fp32).to(device, dtype)
+        return sp.StreamPruneRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps, scale_in_fp32=self.block.norm_scale_in_fp32,
+                                     weight_offset=self.block.norm_weight_offset).to(device, dtype)
 
     def build_pruned_layer(self, i: int, spec: LayerSpec, tensors: dict[str, torch.Tensor], device, dtype) -> DecoderLayer:
         """A pruned layer (our modeling class) from a decision's spec and tensors."""
@@ -305,9 +342,12 @@ class LlamaFamilyAdapter:
         check_tensors(layer, tensors, f"pruned layer {i}")
         state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        return DecoderLayer(layer, i, self.taps(spec), self.window(i)).eval()
+        return self.wrap(layer, i, spec)
 
     def rotary(self, device) -> nn.Module:
+        """``(x, position_ids) -> (cos, sin)``, or every layer type's pair flattened (module docstring)."""
+        if self.pruned and sp.rope_layer_types(self.config) is not None:
+            return sp.RotaryByLayerType(self.config).to(device)
         if self.pruned:
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as cls
         else:
@@ -349,13 +389,15 @@ def check_config_values(cfg: dict, path, dense: bool = True) -> None:
     theta = cfg.get("rope_theta")
     if theta is None and isinstance(rope, dict):
         theta = rope.get("rope_theta")
-    if theta is None:
-        raise CheckpointError(
-            f"{path} has no rope_theta (nor rope_parameters.rope_theta): transformers would silently assume 10000, "
-            "which is wrong for most recent models; add the model's value (see its original config.json)"
-        )
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise CheckpointError(f"{path}: rope_theta must be a positive number, got {theta!r}; fix config.json")
+    per_type = [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []  # Gemma 3: one per layer type
+    for theta in [theta] if theta is not None or not per_type else [v.get("rope_theta") for v in per_type]:
+        if theta is None:
+            raise CheckpointError(
+                f"{path} has no rope_theta (nor rope_parameters.rope_theta): transformers would silently assume a default, "
+                "which is wrong for most recent models; add the model's value (see its original config.json)"
+            )
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise CheckpointError(f"{path}: rope_theta must be a positive number, got {theta!r}; fix config.json")
 
 
 def check_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -92,7 +92,7 @@ class LayerData:
     dense: torch.nn.Module
     build: Callable[[LayerSpec, dict, torch.dtype], torch.nn.Module]
     chunks: Callable[[], Iterator[torch.Tensor]]
-    pe: tuple[torch.Tensor, torch.Tensor]
+    pe: tuple[torch.Tensor, ...]  # (cos, sin), or every layer type's pair (Gemma 3): the layers pick theirs
     rows: int
     row_offset: int = 0
     ranks: Ranks = field(default_factory=Ranks)

@@ -12,12 +12,22 @@ down_bias, bypass_rank, qk_norm, norm_placement). A dict without ``qk_norm`` /
 norm, norms before the sub-blocks; ``config.json`` lists them only where they differ.
 
 ``norm_scale_in_fp32``: the RMSNorms multiply by their weight before casting back to the
-activation dtype (OLMo 2) instead of after (Llama, Qwen2/3, Mistral); equal in float32.
+activation dtype (OLMo 2, Gemma 3) instead of after (Llama, Qwen2/3, Mistral); equal in float32.
+``norm_weight_offset``: the RMSNorms scale by ``offset + weight`` (Gemma 3: 1, in float32), 0 elsewhere.
+``embed_scale``: the input embedding's rows are multiplied by it, in the weight's dtype (Gemma 3:
+sqrt(hidden_size)); the tied head uses the weight unscaled. None: no scale.
+``query_pre_attn_scalar``: attention scores are scaled by its inverse square root (Gemma 3)
+instead of head_dim's. None: head_dim's.
 
 The attention window is the source's: ``layer_types[i]`` is ``"sliding_attention"``
 where the source architecture applies ``sliding_window`` to layer ``i`` (Mistral: every
 layer when ``sliding_window`` is set; Qwen2: its own ``layer_types``, i.e. layers from
-``max_window_layers`` on when ``use_sliding_window``), else ``"full_attention"``.
+``max_window_layers`` on when ``use_sliding_window``; Gemma 3: its own ``layer_types``),
+else ``"full_attention"``.
+
+RoPE: ``rope_parameters`` is one dict (every layer alike), or, as the source has it, one dict
+per layer type (Gemma 3: the local base for sliding layers, the global base and its scaling
+for full ones): :func:`rope_layer_types` names them.
 """
 
 import copy
@@ -50,6 +60,9 @@ _OPTIONAL_SPEC_FIELDS = {
 _OMITTED_AT_DEFAULT = {"qk_norm": "none", "norm_placement": "pre"}
 # Source model types whose RMSNorm scales by its weight in float32 before casting back.
 _NORM_SCALE_IN_FP32 = ("olmo2",)
+# Model-wide fields the source config may carry (an adapter sets them on the config it reads:
+# streamprune/adapters/gemma3.py), with their values for a Llama block.
+_MODEL_WIDE_FIELDS = {"norm_weight_offset": 0.0, "embed_scale": None, "query_pre_attn_scalar": None}
 
 # Source-config attributes carried over by StreamPruneConfig.from_source.
 _CARRIED_FIELDS = (
@@ -97,6 +110,15 @@ def source_attention_window(source_config) -> tuple[int | None, list[str] | None
     return int(window), layer_types
 
 
+def rope_layer_types(config) -> tuple[str, ...] | None:
+    """The layer types ``config.rope_parameters`` is keyed by (sorted), or None when it is one
+    dict for every layer. Each layer takes the RoPE of its ``layer_types`` entry."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    present = set(getattr(config, "layer_types", None) or ())
+    kinds = tuple(sorted(k for k in rope if k in present and isinstance(rope[k], dict)))
+    return kinds or None
+
+
 def compact_spec_dict(spec) -> dict:
     """:func:`layer_spec_dict` without the fields that sit at their version-1 defaults."""
     return {k: v for k, v in layer_spec_dict(spec).items() if _OMITTED_AT_DEFAULT.get(k, object()) != v}
@@ -138,6 +160,9 @@ class StreamPruneConfig(LlamaConfig):
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     norm_scale_in_fp32: bool = False
+    norm_weight_offset: float = 0.0
+    embed_scale: float | None = None
+    query_pre_attn_scalar: float | None = None
 
     def __post_init__(self, **kwargs):
         if self.layer_types is None:
@@ -160,6 +185,9 @@ class StreamPruneConfig(LlamaConfig):
             kwargs["dtype"] = str(dtype).removeprefix("torch.")
         kwargs["source_model_type"] = getattr(source_config, "model_type", "llama")
         kwargs["norm_scale_in_fp32"] = bool(getattr(source_config, "norm_scale_in_fp32", kwargs["source_model_type"] in _NORM_SCALE_IN_FP32))
+        for name, default in _MODEL_WIDE_FIELDS.items():
+            value = getattr(source_config, name, default)
+            kwargs[name] = default if value is None else float(value)
         kwargs["sliding_window"], kwargs["layer_types"] = source_attention_window(source_config)
         kwargs["layer_specs"] = [compact_spec_dict(s) for s in layer_specs]
         kwargs["num_hidden_layers"] = len(kwargs["layer_specs"])

@@ -23,7 +23,8 @@ caches are not supported). Tested on transformers 5.24 and 5.17 (the GPU image's
   that has attention). A model without any attention head runs without a cache.
 - Masks come from ``transformers.masking_utils`` (``create_causal_mask``, and
   ``create_sliding_window_causal_mask`` for the layers where the source applies its
-  ``sliding_window``: Mistral, Qwen2 with ``use_sliding_window``), as in the source models.
+  ``sliding_window``: Mistral, Qwen2 with ``use_sliding_window``, Gemma 3's sliding layers), as in
+  the source models.
 - Attention is SDPA (``transformers.integrations.sdpa_attention``); a value head dim
   smaller than the query/key head dim is zero-padded for prefill only (fused kernels
   want equal head dims), never in the cache.
@@ -34,18 +35,24 @@ caches are not supported). Tested on transformers 5.24 and 5.17 (the GPU image's
 - The decoder layer called standalone (the streaming engine: ``attention_mask=None``,
   no cache) is plain causal attention over its input.
 - Block kinds (per layer spec): ``norm_placement`` "pre" (Llama, Qwen2/3, Mistral:
-  ``h = x + attn(norm(x)); h + mlp(norm(h))``) or "post" (OLMo 2:
-  ``h = x + norm(attn(x)); h + norm(mlp(h))``); ``qk_norm`` "head" (Qwen3: RMSNorm over each
-  head's dims, one weight shared by all heads) or "proj" (OLMo 2: over the whole q and the
-  whole k projection), applied to the (possibly low-rank) projection's output, before RoPE.
+  ``h = x + attn(norm(x)); h + mlp(norm(h))``), "post" (OLMo 2:
+  ``h = x + norm(attn(x)); h + norm(mlp(h))``) or "sandwich" (Gemma 3:
+  ``h = x + norm(attn(norm(x))); h + norm(mlp(norm(h)))``); ``qk_norm`` "head" (Qwen3, Gemma 3:
+  RMSNorm over each head's dims, one weight shared by all heads) or "proj" (OLMo 2: over the
+  whole q and the whole k projection), applied to the (possibly low-rank) projection's output,
+  before RoPE.
+- Model-wide (Gemma 3): RMSNorms that scale by ``1 + weight`` in float32
+  (``norm_weight_offset``), the embedding scaled by ``embed_scale``, attention scores by
+  ``query_pre_attn_scalar ** -0.5``, and a RoPE per layer type (:class:`RotaryByLayerType`).
 """
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -54,7 +61,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from .cache_compat_streamprune import _CACHE_FIELD, _MASK_CACHE_ARG, DummyLayer, _cache_argument, link_lengths
-from .configuration_streamprune import StreamPruneConfig, layer_spec_dict  # noqa: F401  (re-exported)
+from .configuration_streamprune import StreamPruneConfig, layer_spec_dict, rope_layer_types  # noqa: F401  (re-exported)
 
 
 class LowRankLinear(nn.Module):
@@ -90,25 +97,70 @@ def _projection(in_features: int, out_features: int, rank: int | None, bias: boo
 
 class StreamPruneRMSNorm(nn.Module):
     """RMSNorm: normalise in fp32, cast back, scale (Llama/Qwen/Mistral); with
-    ``scale_in_fp32``, scale in fp32, then cast back (OLMo 2)."""
+    ``scale_in_fp32``, scale in fp32, then cast back (OLMo 2); with a ``weight_offset``, scale
+    by ``weight_offset + weight`` in fp32, then cast back (Gemma 3: offset 1)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, scale_in_fp32: bool = False) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, scale_in_fp32: bool = False, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
         self.scale_in_fp32 = scale_in_fp32
+        self.weight_offset = weight_offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.weight_offset:
+            return ((self.weight_offset + self.weight.float()) * h).to(input_dtype)
         if self.scale_in_fp32:
             return (self.weight * h).to(input_dtype)
         return self.weight * h.to(input_dtype)
 
 
 def _rms_norm(config, size: int) -> StreamPruneRMSNorm:
-    return StreamPruneRMSNorm(size, eps=config.rms_norm_eps, scale_in_fp32=bool(getattr(config, "norm_scale_in_fp32", False)))
+    return StreamPruneRMSNorm(size, eps=config.rms_norm_eps, scale_in_fp32=bool(getattr(config, "norm_scale_in_fp32", False)),
+                              weight_offset=float(getattr(config, "norm_weight_offset", 0.0) or 0.0))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding whose rows are multiplied by ``embed_scale`` in the weight's dtype (Gemma 3:
+    sqrt(hidden_size)); the weight itself is unscaled (it is the tied head)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * torch.tensor(self.embed_scale, dtype=self.weight.dtype, device=self.weight.device)
+
+
+def _rope_config(config, layer_type: str) -> LlamaConfig:
+    """A config whose one ``rope_parameters`` dict is ``layer_type``'s (what ``LlamaRotaryEmbedding`` reads)."""
+    return LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads, head_dim=config.head_dim,
+                       max_position_embeddings=config.max_position_embeddings,
+                       rope_parameters=copy.deepcopy(config.rope_parameters[layer_type]))
+
+
+class RotaryByLayerType(nn.Module):
+    """One rotary embedding per layer type, where the RoPE differs by type (Gemma 3: the local
+    base for sliding layers, the global base with its scaling for full ones).
+
+    ``forward(x, position_ids)`` returns the (cos, sin) of every type in :attr:`layer_types`
+    order, flattened: ``(cos_0, sin_0, cos_1, sin_1, ...)``; a layer of type ``layer_types[k]``
+    takes ``[2k : 2k + 2]`` (:meth:`pair`)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.layer_types = rope_layer_types(config)
+        self.rotary = nn.ModuleDict({t: LlamaRotaryEmbedding(config=_rope_config(config, t)) for t in self.layer_types})
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t for kind in self.layer_types for t in self.rotary[kind](x, position_ids))
+
+    def pair(self, position_embeddings: tuple, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.layer_types.index(layer_type)
+        return position_embeddings[2 * k], position_embeddings[2 * k + 1]
 
 
 class StreamPruneAttention(nn.Module):
@@ -129,6 +181,8 @@ class StreamPruneAttention(nn.Module):
         self.head_dim = s["head_dim"]
         self.v_head_dim = s["v_head_dim"]
         self.scaling = 1.0 / math.sqrt(self.head_dim) if self.head_dim else 1.0
+        if getattr(config, "query_pre_attn_scalar", None):  # Gemma 3
+            self.scaling = config.query_pre_attn_scalar ** -0.5
         self.sliding_window = config.layer_window(layer_idx) if hasattr(config, "layer_window") else None
         if self.num_heads == 0:
             self.o_proj = BiasOnly(d) if s["o_bias"] else None
@@ -215,21 +269,24 @@ class StreamPruneMLP(nn.Module):
 
 
 class StreamPruneDecoderLayer(nn.Module):
-    """Residual block with pre- or post-norms (``norm_placement``). Usable standalone (the
-    streaming engine builds one at a time)."""
+    """Residual block with pre-, post- or sandwich norms (``norm_placement``). Usable standalone
+    (the streaming engine builds one at a time)."""
 
     def __init__(self, config: StreamPruneConfig, spec, layer_idx: int | None = None) -> None:
         super().__init__()
         s = layer_spec_dict(spec)
         d = s["hidden_size"]
         self.layer_idx = layer_idx
-        self.post_norms = s["norm_placement"] == "post"
-        if not self.post_norms:
+        self.placement = s["norm_placement"]
+        self.post_norms = self.placement == "post"
+        if self.placement in ("pre", "sandwich"):
             self.input_layernorm = _rms_norm(config, d)
         self.self_attn = StreamPruneAttention(config, s, layer_idx)
-        self.post_attention_layernorm = _rms_norm(config, d)  # "pre": the MLP's input norm; "post": the attention output's
+        self.post_attention_layernorm = _rms_norm(config, d)  # "pre": the MLP's input norm; else the attention output's
+        if self.placement == "sandwich":
+            self.pre_feedforward_layernorm = _rms_norm(config, d)
         self.mlp = StreamPruneMLP(config, s)
-        if self.post_norms:
+        if self.placement in ("post", "sandwich"):
             self.post_feedforward_layernorm = _rms_norm(config, d)
 
     def forward(
@@ -243,6 +300,10 @@ class StreamPruneDecoderLayer(nn.Module):
         if self.post_norms:
             h = hidden_states + self.post_attention_layernorm(self.self_attn(hidden_states, position_embeddings, attention_mask, cache))
             return h + self.post_feedforward_layernorm(self.mlp(h))
+        if self.placement == "sandwich":
+            attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
+            h = hidden_states + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
         h = hidden_states + attn
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -271,12 +332,18 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
         config.check_layer_specs()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        if getattr(config, "embed_scale", None) is not None:
+            self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, self.padding_idx, config.embed_scale)
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
             [StreamPruneDecoderLayer(config, config.get_layer_spec(i), i) for i in range(config.num_hidden_layers)]
         )
         self.norm = _rms_norm(config, config.hidden_size)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        if rope_layer_types(config) is not None:
+            self.rotary_emb = RotaryByLayerType(config)
+        else:
+            self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -366,11 +433,13 @@ class StreamPruneModel(StreamPrunePreTrainedModel):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        by_type = isinstance(self.rotary_emb, RotaryByLayerType)
         all_hidden = [] if output_hidden_states else None
         for layer, kind in zip(self.layers, self.config.layer_types):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, masks[kind], cache)
+            pe = self.rotary_emb.pair(position_embeddings, kind) if by_type else position_embeddings
+            hidden_states = layer(hidden_states, pe, masks[kind], cache)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
@@ -458,6 +527,8 @@ class StreamPruneForCausalLM(StreamPrunePreTrainedModel, GenerationMixin):
 __all__ = [
     "BiasOnly",
     "LowRankLinear",
+    "RotaryByLayerType",
+    "ScaledEmbedding",
     "StreamPruneAttention",
     "StreamPruneConfig",
     "StreamPruneDecoderLayer",
