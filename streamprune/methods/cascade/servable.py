@@ -26,9 +26,13 @@ is convex in practice, and an attention removal is one move of its own. Pure fun
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
+
+from ...shapes import ModelShapes
+from ...spec import LayerSpec
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,46 @@ def allocate(ffn_curves: list[Tensor], attn_costs: list[float], f: int, ffn_mult
         if steps[layer] < max_steps:
             heapq.heappush(heap, ffn_move(layer))
     return [ServableLayer(attention[layer], f - steps[layer] * ffn_multiple) for layer in range(L)]
+
+
+def layer_spec(shapes: ModelShapes, layer: ServableLayer) -> LayerSpec:
+    """The spec of a servable layer: the dense attention (q/k/v biases travel with a zero o_proj
+    bias in the format) or none, and the layer's FFN width."""
+    dense = shapes.dense_spec()
+    if layer.attention:
+        return replace(dense, intermediate_size=layer.ffn, o_bias=dense.o_bias or dense.qkv_bias)
+    return replace(dense, num_kv_heads=0, heads_per_group=0, qkv_bias=False, o_bias=False, intermediate_size=layer.ffn)
+
+
+def layer_tensors(weights: dict[str, Tensor], spec: LayerSpec, ffn: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A servable layer's tensors: the dense layer's attention and norms as ``spec`` keeps them (a
+    zero o_proj bias where the spec has one the source lacks), with the given FFN tensors."""
+    down = weights["mlp.down_proj.weight"]
+    tensors = {k: weights[k] for k in spec.tensor_shapes() if k in weights and not k.startswith("mlp.")}
+    if spec.o_bias and "self_attn.o_proj.bias" not in tensors:
+        tensors["self_attn.o_proj.bias"] = torch.zeros(down.shape[0], dtype=down.dtype, device=down.device)
+    tensors.update({k: v.to(down.dtype) for k, v in ffn.items()})
+    return tensors
+
+
+def check_width(f: int, ffn_multiple: int) -> None:
+    if f % ffn_multiple or f < 2 * ffn_multiple:
+        raise ValueError(f"the servable structure needs the FFN width ({f}) to be a multiple of --option "
+                         f"ffn_multiple={ffn_multiple}, at least two of them: pick an ffn_multiple that divides it")
+
+
+def plan(shapes: ModelShapes, ratio: float, ffn_multiple: int, ffn_curves: list[Tensor] | None = None,
+         attn_costs: list[float] | None = None) -> list[ServableLayer]:
+    """Per-layer (attention kept?, FFN width) removing ``ratio`` of the parameters (±1 move):
+    measured (:func:`allocate`) given each layer's costs, else uniform (:func:`uniform_plan`).
+    Parameters are counted as the specs store them (a zero o_proj bias beside q/k/v biases
+    included). Raises ValueError naming what cannot be done."""
+    f, m = shapes.intermediate_size, ffn_multiple
+    check_width(f, m)
+    per_channel = 3 * shapes.hidden_size
+    attn_params = layer_spec(shapes, ServableLayer(True, f)).num_params() - layer_spec(shapes, ServableLayer(False, f)).num_params()
+    baseline = shapes.total_params([layer_spec(shapes, ServableLayer(True, f))] * shapes.num_layers)  # may exceed dense by the zero o biases
+    target = round(baseline - (1 - ratio) * shapes.total_params())
+    if ffn_curves is None:
+        return uniform_plan(shapes.num_layers, f, m, per_channel, target)
+    return allocate(ffn_curves, attn_costs, f, m, per_channel, attn_params, target)
