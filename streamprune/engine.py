@@ -7,11 +7,10 @@ write / commit, then finalize and publish. See ``../shared/spec/ARCHITECTURE.md`
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from .storage import atomic, writer
 from .run import runlock
 from .activation_streams import ActivationStreams
 from .storage.activations import ActivationCache
-from .forks import ForkSet, fork_chunk_rows
 from .adapters import load_tokenizer, open_model, tokenizer_digest
 from .storage.checkpoint import file_sha256
 from . import preflight
@@ -32,14 +30,14 @@ from .distributed import Ranks, SharedStop, joined
 from .errors import ConfigError, NumericalError, StreamPruneError
 from .run.faults import crash_point
 from .run.interrupts import graceful_stop
-from .run.journal import RunDir, digest
+from .run.journal import RunDir, digest, disk_errors
 from .methods import build_method
 from .methods.base import Decision, LayerData, Method
 from .storage.prefetch import Prefetcher, to_device
 from .spec import LayerSpec
 from .run.profile import GiB, LayerProfile, append_line, peak_rss_bytes
-from .stream import embed_to_boundary, final_head, position_embeddings, read_ahead, token_embedding
-from .survey import run_survey, search_windows
+from .stream import position_embeddings, read_ahead, token_embedding
+from .survey import scoring_pass, survey_pass
 from .inputs.textdata import calibration_windows, resolve_text_source
 
 
@@ -110,20 +108,6 @@ def servable_method(cfg: PruneConfig, method):
 
 def nbytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-@contextmanager
-def disk_errors(where: str, run: RunDir):
-    """Turn a full disk into an actionable message; the journal makes the retry clean."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StreamPruneError(
-                f"disk full while writing {where} under {run.root}; free space (or move --work-dir) "
-                "and run the same command again to resume"
-            ) from e
-        raise
 
 
 def prune(cfg: PruneConfig) -> dict:
@@ -275,37 +259,6 @@ def write_and_commit(ctx: LayerContext, i: int, decision: Decision, prof: LayerP
     return out_bytes
 
 
-def survey_pass(cfg, method, adapter, shapes, run: RunDir, records, acts, outer, embed, pe, device, dtype, chunk_rows,
-                tokenizer, source, calib_tokens, ranks: Ranks, stop) -> list[dict]:
-    """The survey (:func:`streamprune.survey.run_survey`), from the first layer a killed run did not
-    commit when every rank still holds its input boundary (and the forks theirs), else from
-    layer 0; journaled per layer, then whole. Its activations are cleared once it is done."""
-    survey_cache = ActivationCache(acts / "survey")
-    forks = ForkSet(acts / "forks") if method.needs_forks else None
-    done = run.surveyed_layers(records)
-    resumable = bool(done) and survey_cache.is_complete(len(done)) and (forks is None or forks.resume(len(done)))
-    if not ranks.all_true(resumable):
-        done = []
-    with disk_errors("the survey activations", run):
-        head = final_head(adapter, outer, embed, device, dtype) if forks is not None else None
-        if not done:
-            survey_cache.clear()
-            embed_to_boundary(survey_cache, calib_tokens(), embed, chunk_rows, dtype)
-            if forks is not None:
-                rows = method.fork_rows
-                forks.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
-                            embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
-        save = lambda i, result: run.save_survey_layer(i, result)  # noqa: E731
-        survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head,
-                            done=done, commit=save)
-    with disk_errors("the survey results", run):
-        ranks.on_main(lambda: run.save_survey(survey))
-    survey_cache.clear()
-    if forks is not None:
-        forks.clear()
-    return survey
-
-
 @torch.no_grad()
 def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     t_start = time.perf_counter()
@@ -318,7 +271,7 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
     fc = preflight.forecast(shapes, specs, nsamples=cfg.nsamples, seqlen=cfg.seqlen, chunk_rows=chunk_rows, dtype=dtype,
                             device=device, workspace=method.workspace_bytes(shapes), work_dir=cfg.run_dir, survey=method.needs_survey,
                             dense_stream=method.needs_dense_stream, decision_stream=method.needs_decision_stream,
-                            storage_itemsize=storage_dtype.itemsize, fork_rows=method.fork_rows, forks=method.fork_count(shapes),
+                            storage_itemsize=storage_dtype.itemsize, fork_rows=method.fork_rows, forks=method.fork_count(shapes), members=method.population_bound,
                             method_flop=method.extra_flop(shapes, specs, cfg.nsamples, cfg.seqlen),
                             dense_passes=1 + int(method.needs_pass_b and method.pass_b_layer == "dense") + int(method.needs_dense_stream),
                             pruned_passes=1 + int(method.needs_pass_b and method.pass_b_layer != "dense") + int(method.needs_decision_stream),
@@ -355,6 +308,12 @@ def _prune(cfg: PruneConfig, stop, ranks: Ranks = Ranks()) -> dict:
             survey = survey_pass(cfg, method, adapter, shapes, run, records, acts, outer, embed, pe, device, dtype,
                                  chunk_rows, tokenizer, source, calib_tokens, ranks, stop)
         method.plan(shapes, survey=survey)
+        if method.needs_scoring and method.population() > 1:  # whole plans scored end to end: the method takes the best
+            kls = run.load_scores(records)
+            if kls is None:
+                kls = scoring_pass(cfg, method, adapter, shapes, run, records, acts, outer, embed, pe, device, dtype,
+                                   chunk_rows, tokenizer, source, calib_tokens, ranks, stop)
+            method.choose(shapes, kls)
 
     # ---- resume point: the first uncommitted layer, whose input boundary is on disk --
     start = max(committed) + 1 if committed else 0

@@ -22,6 +22,9 @@ and candidate that spawned it. A step writes boundary ``i + 1`` of the reference
 fork and leaves boundary ``i`` in place until the survey has committed layer ``i``
 (:meth:`ForkSet.drop`): a run killed inside step ``i`` resumes at it (:meth:`ForkSet.resume`),
 deterministic, the same result byte for byte.
+
+:class:`Population` scores whole plans the same way: one stream per plan, every layer of it
+cut as the plan says, beside the reference; each layer read once for all of them.
 """
 
 from __future__ import annotations
@@ -132,3 +135,46 @@ LOGIT_BUDGET = 1 << 30  # bytes of fp32 logits for a chunk of the reference and 
 def fork_chunk_rows(rows: int, seqlen: int, vocab: int, budget: int = LOGIT_BUDGET) -> int:
     """Search rows per chunk: as many as keep two chunks' fp32 logits within ``budget`` (at least one)."""
     return max(1, min(rows, budget // (2 * seqlen * vocab * 4)))
+
+
+class Population(ForkSet):
+    """Whole plans scored end to end: beside the search rows' dense stream (the reference), one
+    stream per plan, each its own pruned model (every layer cut as that plan says). At layer
+    ``i`` each member's stream goes through the member's own pruned layer ``i`` and the reference
+    through the dense one: each layer is read once for the whole population. Resumable like the
+    forks: boundary ``i`` stays until layer ``i`` is committed."""
+
+    def __init__(self, root: str | Path, size: int):
+        super().__init__(root)
+        self.size = size
+
+    def members(self) -> list[tuple[int, ActivationCache]]:
+        return [(0, ActivationCache(self.root / f"member_{m:03d}")) for m in range(self.size)]
+
+    def embed(self, tokens: torch.Tensor, embed: torch.Tensor, chunk_rows: int, dtype) -> None:
+        super().embed(tokens, embed, chunk_rows, dtype)
+        self.forks = self.members()
+        for _, member in self.forks:  # every member starts from the embeddings
+            shutil.copytree(self.reference.boundary_dir(0), member.boundary_dir(0))
+
+    def resume(self, boundary: int) -> bool:
+        """Take up the streams a killed pass left at ``boundary``; False if any lacks it."""
+        members = self.members()
+        if not all(c.is_complete(boundary) for c in [self.reference] + [c for _, c in members]):
+            return False
+        self.forks = members
+        return True
+
+    @torch.no_grad()
+    def step(self, i: int, dense, member_layers: list, pe, device) -> None:
+        """Member ``m``'s stream through ``member_layers[m]``, the reference through ``dense``
+        (boundary ``i`` stays: :meth:`drop`)."""
+        if len(member_layers) != self.size:
+            raise ValueError(f"layer {i}: {len(member_layers)} member layers for a population of {self.size}")
+        for (_, member), layer in zip(self.forks, member_layers):
+            apply(layer, member, member, i, pe, device)
+        apply(dense, self.reference, self.reference, i, pe, device)
+
+    def kl_per_member(self, boundary: int, norm, head: torch.Tensor, device, ranks) -> list[float]:
+        """Each member's KL per token from the reference (float, population order), over all ranks."""
+        return self.kl_per_token(boundary, norm, head, device, ranks)[0].tolist()

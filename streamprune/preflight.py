@@ -69,12 +69,14 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
              dtype: torch.dtype, device: torch.device, workspace: int, work_dir: Path, survey: bool,
              method_flop: float = 0.0, host_workspace: int = 0, dense_stream: bool = False,
              decision_stream: bool = False, dense_passes: int = 1, pruned_passes: int = 1,
-             storage_itemsize: int = 4, fork_rows: int = 0, forks: int = 0) -> Forecast:
+             storage_itemsize: int = 4, fork_rows: int = 0, forks: int = 0, members: int = 0) -> Forecast:
     """``dense_passes`` / ``pruned_passes``: how many times each layer, dense and pruned, runs over
     the calibration tokens (the observation passes and the streams the method keeps). ``forks``
     spawned in the survey over ``fork_rows`` search windows (:mod:`streamprune.forks`): each, and
     their reference, holds two boundaries of them on disk at the end of a survey step (the one a
-    resume starts from is dropped once the layer is committed), and writes one per layer it runs."""
+    resume starts from is dropped once the layer is committed), and writes one per layer it runs.
+    ``members``: the plans of a scoring pass (after the survey, its forks gone): the same over the
+    search windows, beside a dense stream of the calibration tokens."""
     itemsize = dtype.itemsize
     chunk_rows = min(chunk_rows, nsamples)  # a chunk never holds more windows than there are
     dev = device_peak(shapes, chunk_rows, seqlen, itemsize, workspace)
@@ -99,7 +101,8 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
     output = shapes.total_params(specs) * storage_itemsize  # written in the source checkpoint's dtype
     extra_streams = int(dense_stream) + int(decision_stream)  # two boundaries each, like the pruned stream
     fork_boundary = fork_rows * seqlen * shapes.hidden_size * itemsize
-    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams + (2 * (forks + 1) if forks else 0) * fork_boundary
+    search = max(2 * (forks + 1) if forks else 0, 2 * (members + 1) if members else 0) * fork_boundary  # forks, then the scoring pass
+    disk = output + 2 * boundary + (boundary if survey else 0) + 2 * boundary * extra_streams + search
     tokens = nsamples * seqlen
     dense_layer = shapes.dense_spec().num_params()
     forward_flop = 2 * tokens * sum(dense_layer * (dense_passes + int(survey)) + spec.num_params() * pruned_passes for spec in specs)
@@ -109,6 +112,8 @@ def forecast(shapes: ModelShapes, specs: list[LayerSpec], *, nsamples: int, seql
         probe = probe.parent
     written = output + 2 * boundary * shapes.num_layers * (1 + extra_streams)  # the output and each stream's boundaries
     written += int(fork_boundary * (forks * (shapes.num_layers + 1) / 2 + shapes.num_layers))  # the forks' and their reference's
+    if members:  # the scoring pass: its calibration stream, its members' and their reference's
+        written += boundary * shapes.num_layers + fork_boundary * (members + 1) * (shapes.num_layers + 1)
     return Forecast(
         params_dense=shapes.total_params(),
         params_pruned=shapes.total_params(specs),

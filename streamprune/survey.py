@@ -13,12 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import Ranks
-from .forks import ForkSet
+from .forks import ForkSet, Population, fork_chunk_rows
 from .inputs.textdata import calibration_windows
 from .run.faults import crash_point
+from .run.journal import RunDir, disk_errors
 from .storage.activations import ActivationCache
 from .storage.prefetch import to_device
-from .stream import propagate, read_ahead
+from .stream import embed_to_boundary, final_head, propagate, read_ahead
 
 
 def search_windows(tokenizer, source, cfg, rows: int) -> torch.Tensor:
@@ -71,3 +72,92 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
         for layer, kl in forks.kl_per_token(adapter.num_layers, *head, device, ranks).items():
             results[layer]["fork_kl"] = kl
     return results
+
+
+@torch.no_grad()
+def run_scoring(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop,
+                population: Population, head, start: int = 0, commit=None) -> list[float]:
+    """The scoring pass: each plan of the method's population as a whole pruned model over the
+    search rows, scored at the head by its KL from the dense model (per token, over all ranks).
+
+    The dense calibration stream (``cache``) runs beside it, for what ``member_layers`` needs of
+    each dense layer (``scoring_observer``: OBS's Gram). Resumable like the survey: ``start`` is
+    the first layer a killed pass did not commit (``cache`` and every member hold its input
+    boundary); ``commit(i)`` journals layer ``i`` once every rank's boundary ``i + 1`` is durable."""
+    with read_ahead(adapter, start, device, dtype) as ahead:
+        for i in tqdm(range(start, adapter.num_layers), desc="scoring", initial=start, total=adapter.num_layers,
+                      disable=not progress):
+            stop.check(f"during the scoring pass, before its layer {i} (a resume continues it there)")
+            weights = to_device(next(ahead), device, dtype)
+            layer = adapter.build_layer(i, weights, device, dtype)
+            obs = method.scoring_observer(i, weights)
+            propagate(layer, cache, i, pe, device, observer=obs)
+            ranks.reduce_observer(obs)
+            members = [adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype) for d in method.member_layers(i, weights, obs)]
+            population.step(i, layer, members, pe, device)
+            crash_point(f"scoring:{i}")
+            ranks.barrier()  # every rank's boundary i + 1 is durable before layer i is committed
+            if commit is not None:
+                ranks.on_main(lambda: commit(i))
+            ranks.barrier()
+            cache.drop(i)
+            population.drop(i)
+    return population.kl_per_member(adapter.num_layers, *head, device, ranks)
+
+
+def survey_pass(cfg, method, adapter, shapes, run: RunDir, records, acts, outer, embed, pe, device, dtype, chunk_rows,
+                tokenizer, source, calib_tokens, ranks: Ranks, stop) -> list[dict]:
+    """The survey (:func:`streamprune.survey.run_survey`), from the first layer a killed run did not
+    commit when every rank still holds its input boundary (and the forks theirs), else from
+    layer 0; journaled per layer, then whole. Its activations are cleared once it is done."""
+    survey_cache = ActivationCache(acts / "survey")
+    forks = ForkSet(acts / "forks") if method.needs_forks else None
+    done = run.surveyed_layers(records)
+    resumable = bool(done) and survey_cache.is_complete(len(done)) and (forks is None or forks.resume(len(done)))
+    if not ranks.all_true(resumable):
+        done = []
+    with disk_errors("the survey activations", run):
+        head = final_head(adapter, outer, embed, device, dtype) if forks is not None else None
+        if not done:
+            survey_cache.clear()
+            embed_to_boundary(survey_cache, calib_tokens(), embed, chunk_rows, dtype)
+            if forks is not None:
+                rows = method.fork_rows
+                forks.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
+                            embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
+        save = lambda i, result: run.save_survey_layer(i, result)  # noqa: E731
+        survey = run_survey(method, adapter, survey_cache, pe, device, dtype, cfg.progress, ranks, stop, forks, head,
+                            done=done, commit=save)
+    with disk_errors("the survey results", run):
+        ranks.on_main(lambda: run.save_survey(survey))
+    survey_cache.clear()
+    if forks is not None:
+        forks.clear()
+    return survey
+
+
+def scoring_pass(cfg, method, adapter, shapes, run: RunDir, records, acts, outer, embed, pe, device, dtype, chunk_rows,
+                 tokenizer, source, calib_tokens, ranks: Ranks, stop) -> list[float]:
+    """:func:`run_scoring` from the first layer a killed pass did not commit when every rank
+    still holds its input boundaries, else from layer 0; journaled per layer, then its scores.
+    Its activations are cleared once it is done."""
+    cache = ActivationCache(acts / "scoring")
+    population = Population(acts / "population", method.population())
+    start = run.scored_layers(records)
+    if not ranks.all_true(start > 0 and cache.is_complete(start) and population.resume(start)):
+        start = 0
+    with disk_errors("the scoring pass's activations", run):
+        if start == 0:
+            cache.clear()
+            embed_to_boundary(cache, calib_tokens(), embed, chunk_rows, dtype)
+            rows = method.fork_rows
+            population.embed(search_windows(tokenizer, source, cfg, rows)[ranks.shard(rows, "search rows", "--option search_rows")],
+                             embed, min(chunk_rows, fork_chunk_rows(rows, cfg.seqlen, shapes.vocab_size)), dtype)
+        head = final_head(adapter, outer, embed, device, dtype)
+        kls = run_scoring(method, adapter, cache, pe, device, dtype, cfg.progress, ranks, stop, population, head,
+                          start=start, commit=run.save_scored_layer)
+    with disk_errors("the scoring pass's results", run):
+        ranks.on_main(lambda: run.save_scores(kls))
+    cache.clear()
+    population.clear()
+    return kls

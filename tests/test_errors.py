@@ -94,7 +94,7 @@ CASES = [
     ("tensor shape", break_tensor_shape, [], "has shape (3, 3), expected"),
     ("tensor dtype", break_tensor_dtype, [], "expected a floating-point dtype"),
     ("pickle checkpoint", break_pickle, [], "never unpickles"),
-    ("unsupported architecture", break_architecture, [], "supported: llama, mistral, olmo2, phi3, qwen2, qwen3"),
+    ("unsupported architecture", break_architecture, [], "supported: gemma3, gemma3_text, llama, mistral, olmo2, phi3, qwen2, qwen3"),
     ("ratio >= 1", no_change, ["--ratio", "1.0"], "--ratio must be in [0, 1)"),
     ("ratio < 0", no_change, ["--ratio", "-0.1"], "--ratio must be in [0, 1)"),
     ("ratio unreachable", no_change, ["--ratio", "0.95", "--method", "magnitude"], "unreachable"),

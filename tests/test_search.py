@@ -4,6 +4,7 @@ KL-scaled curves (methods/cascade/search.py) and the engine contracts (ratio, re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from streamprune.kernels.obs import obs_cost_curve, obs_remove_columns, obs_remo
 from streamprune.methods import build_method
 from streamprune.methods.cascade import Cascade
 from streamprune.methods.cascade.allocation import allocate
-from streamprune.methods.cascade.search import fork_levels, kl_scaled
+from streamprune.methods.cascade.search import blend_betas, blended, fork_levels, kl_scaled
 from streamprune.methods.cascade.servable import allocate as allocate_servable
 from streamprune.stream import position_embeddings
 from test_resume import ARGS, digests, run_cli
@@ -197,7 +198,7 @@ def test_two_ranks_take_the_one_process_decisions(tiny_llama, tmp_path):
     the same per-token KLs (to fp32 summation order) and the same layer specs as one process."""
     from test_distributed import CHUNK_TOKENS, NSAMPLES, RATIO, SEQLEN, last_json, prune_args, torchrun
 
-    opts = {**FAST, "search_rows": 4}
+    opts = {**FAST, "search_rows": 4, "search_blends": 3}
     one, two = tmp_path / "one", tmp_path / "two"
     prune(PruneConfig(source=tiny_llama, out=one, method="cascade", ratio=RATIO, calib="c4", nsamples=NSAMPLES, seqlen=SEQLEN,
                       chunk_tokens=CHUNK_TOKENS, progress=False, method_options=opts, keep_work=True))
@@ -209,3 +210,132 @@ def test_two_ranks_take_the_one_process_decisions(tiny_llama, tmp_path):
     s1, s2 = (load_file(tmp_path / f"{d}.work" / "survey.safetensors") for d in ("one", "two"))
     for key in (k for k in s1 if k.endswith("fork_kl")):
         assert s2[key].tolist() == pytest.approx(s1[key].tolist(), rel=1e-4), key
+    k1, k2 = (_scores(tmp_path / f"{d}.work") for d in ("one", "two"))  # the scoring pass: all-reduced the same way
+    assert len(k1) >= 2 and k2 == pytest.approx(k1, rel=1e-4)
+
+
+
+# ---- the scoring pass: whole allocations on blends of the two curves, scored end to end --------
+
+def _scores(work) -> list[float]:
+    return [r for r in map(json.loads, (work / "journal.jsonl").read_text().splitlines()) if r["event"] == "scores"][-1]["kl"]
+
+
+def test_blends_run_from_the_kl_scaled_curve_to_the_obs_one():
+    assert blend_betas(1) == [1.0] and blend_betas(3) == [1.0, 0.5, 0.0]
+    curve = torch.tensor([0.0, 1.0, 4.0, 9.0], dtype=torch.float64)
+    scaled = torch.tensor([0.0, 4.0, 4.0, 1.0], dtype=torch.float64)  # α = 4, 1, 1/9
+    assert torch.equal(blended(curve, scaled, 1.0), scaled) and torch.equal(blended(curve, scaled, 0.0), curve)
+    assert blended(curve, scaled, 0.5).tolist() == pytest.approx([0.0, 2.0, 4.0, 3.0])
+
+
+def test_config_refuses_bad_blends():
+    with pytest.raises(Exception, match="search_blends"):
+        build_method("cascade", 0.3, {"allocation": "search", "search_blends": 0})
+    assert not build_method("cascade", 0.3, {"allocation": "obs", "search_blends": 3}).needs_scoring  # no forks, no blends
+    assert "search_blends" not in build_method("cascade", 0.3, {"allocation": "search"}).config_dict()  # fingerprints kept
+
+
+def _recorded_members(monkeypatch) -> list:
+    seen = []
+    original = Cascade.member_layers
+
+    def record(self, i, weights, observer):
+        out = original(self, i, weights, observer)
+        seen.append((i, [(d.spec, {k: v.clone() for k, v in d.tensors.items()}) for d in out]))
+        return out
+
+    monkeypatch.setattr(Cascade, "member_layers", record)
+    return seen
+
+
+@torch.no_grad()
+def _reference_member_kls(folder, members, tokens) -> list[float]:
+    """In memory, float64: the dense model and each member's whole pruned model (its recorded
+    layers, all of them), over the whole batch at once; KL per token from the softmaxes."""
+    adapter = open_model(folder)
+    dt = torch.float64
+    outer = adapter.read_outer()
+    embed = outer["model.embed_tokens.weight"].to(dt)
+    head = outer["lm_head.weight"].to(dt) if "lm_head.weight" in outer else embed
+    norm = adapter.final_norm("cpu", dt)
+    norm.weight.copy_(outer["model.norm.weight"])
+    pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", dt)
+    h = embed[tokens]
+    for i in range(adapter.num_layers):
+        h = adapter.build_layer(i, adapter.read_layer(i), "cpu", dt)(h, pe)
+    p = (norm(h) @ head.T).softmax(-1)
+    out = []
+    for m in range(len(members[0][1])):
+        x = embed[tokens]
+        for i, layers in members:
+            spec, tensors = layers[m]
+            x = adapter.build_pruned_layer(i, spec, tensors, "cpu", dt)(x, pe)
+        q = (norm(x) @ head.T).softmax(-1)
+        out.append(float((p * (p.log() - q.log())).sum() / p[..., 0].numel()))
+    return out
+
+
+@pytest.mark.parametrize("structure", ["streamprune", "servable"])
+def test_e2e_scoring_pass_kls_are_the_in_memory_float64_ones_and_the_best_is_taken(tiny_llama, tmp_path, monkeypatch, structure):
+    """Each allocation's KL (its whole pruned model streamed over the search rows, fp32, from disk)
+    equals the float64 in-memory KL of that model; the output takes the allocation of least KL,
+    at the ratio; the allocations are the blends' (the first is the KL-scaled one's)."""
+    extra = {"structure": "servable", "ffn_multiple": 16} if structure == "servable" else {}
+    opts = {**FAST, "search_blends": 5, **extra}
+    members = _recorded_members(monkeypatch)
+    cfg = PruneConfig(source=tiny_llama, out=tmp_path / "out", method="cascade", ratio=0.3, method_options=opts, keep_work=True, **E2E)
+    report = prune(cfg)
+    assert report["achieved_ratio"] == pytest.approx(0.3, abs=0.01 if structure == "streamprune" else 0.03)
+    L = open_model(tiny_llama).num_layers
+    assert [i for i, _ in members] == list(range(L))
+    kls = _scores(cfg.run_dir)
+    assert len(kls) == len(members[0][1]) >= 2
+    tok = load_tokenizer(tiny_llama)
+    rows = calibration_windows(tok, resolve_text_source("c4"), E2E["nsamples"] + FAST["search_rows"], E2E["seqlen"], 0)
+    assert kls == pytest.approx(_reference_member_kls(tiny_llama, members, rows[E2E["nsamples"]:]), rel=2e-4)
+    best = min(range(len(kls)), key=lambda j: (kls[j], j))
+    specs = json.loads((cfg.out / "config.json").read_text())["layer_specs"]
+    assert [s["intermediate_size"] for s in specs] == [layers[best][0].intermediate_size for _, layers in members]
+    if structure == "servable":
+        assert [s["num_kv_heads"] for s in specs] == [layers[best][0].num_kv_heads for _, layers in members]
+    stored = load_file(cfg.run_dir / "survey.safetensors")
+    survey = [{k.split(".", 1)[1]: v for k, v in stored.items() if k.startswith(f"{i}.")} for i in range(L)]
+    method = build_method("cascade", 0.3, opts)
+    shapes = open_model(tiny_llama).shapes()
+    method.plan(shapes, survey)
+    assert method.plans[0] == method._blend_plan(shapes, survey, 1.0) and method._blend_plan(shapes, survey, 0.0) in method.plans
+
+
+def test_e2e_kill_inside_the_scoring_pass_then_resume_is_byte_identical(tiny_llama, tmp_path):
+    opts = [x for k, v in {**FAST, "search_rows": 4, "search_blends": 3}.items() for x in ("--option", f"{k}={str(v).lower()}")]
+    cmd = ["prune", tiny_llama, "--method", "cascade", "--ratio", "0.3", *opts, *ARGS]
+    ref = run_cli(*cmd, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    killed = run_cli(*cmd, "--out", tmp_path / "out", crash_at="scoring:2")
+    assert killed.returncode == -9, killed.stderr
+    journal = tmp_path / "out.work" / "journal.jsonl"
+    scored = lambda: [r["layer"] for r in map(json.loads, journal.read_text().splitlines()) if r["event"] == "score_layer"]  # noqa: E731
+    assert scored() == [0, 1] and (tmp_path / "out.work" / "acts" / "population").is_dir()  # layer 2 was in flight
+    resumed = run_cli(*cmd, "--out", tmp_path / "out")
+    assert resumed.returncode == 0, resumed.stderr
+    assert scored() == list(range(4))  # the resume went on at layer 2
+    assert digests(tmp_path / "out") == digests(tmp_path / "ref")
+    assert _scores(tmp_path / "out.work") == _scores(tmp_path / "ref.work")
+    assert not (tmp_path / "out.work" / "acts" / "population").exists()
+
+
+def test_preflight_counts_the_scoring_pass():
+    from test_olica import LLAMA2_70B as shapes
+    from streamprune.preflight import forecast
+
+    scored, plain = (build_method("cascade", 0.2, {"allocation": "search", "search_blends": n}) for n in (5, 1))
+    for m in (scored, plain):
+        m.plan(shapes)
+    assert scored.population_bound == 5 and plain.population_bound == 0
+    extra = scored.extra_flop(shapes, scored.planned_specs(shapes), 256, 128) - plain.extra_flop(shapes, plain.planned_specs(shapes), 256, 128)
+    assert extra > 5 * shapes.num_layers * shapes.intermediate_size ** 3 / 3  # the members' down_proj solves at least
+    kw = dict(nsamples=256, seqlen=128, chunk_rows=8, dtype=torch.bfloat16, device=torch.device("cpu"), workspace=0, work_dir=Path("."),
+              survey=True, fork_rows=8)
+    few, many = (forecast(shapes, plain.planned_specs(shapes), forks=4, members=n, **kw) for n in (0, 40))
+    assert many.disk_bytes - few.disk_bytes == 2 * (41 - 5) * 8 * 128 * shapes.hidden_size * 2

@@ -123,6 +123,12 @@ class Method:
     # the scores reach ``plan`` as ``survey[l]["fork_kl"]`` (per token, the candidates' order).
     needs_forks: bool = False
     fork_rows: int = 0
+    # After the survey and ``plan``: ``population()`` whole plans, each scored by the KL of its
+    # pruned model's output (every layer cut as that plan says, ``member_layers``) from the dense
+    # model's on the ``fork_rows`` search windows, in one more streamed pass; ``choose`` gets the
+    # scores (``streamprune.forks.Population``).
+    needs_scoring: bool = False
+    population_bound: int = 0  # the most plans ``population()`` may return (preflight's disk and time)
     # Bumped when a method's numerics change, so an old run directory is not resumed.
     config_version: int | None = None
     # The options that make the method produce the servable structure (dense attention kept or
@@ -159,6 +165,22 @@ class Method:
     def fork_count(self, shapes: ModelShapes) -> int:
         """(``needs_forks``) How many candidates ``fork_candidates`` yields over all layers (preflight's disk)."""
         return 0
+
+    # ---- scoring pass: whole plans scored end to end (only if ``needs_scoring``) ------
+    def population(self) -> int:
+        """How many plans the scoring pass scores (after ``plan`` with the survey)."""
+        return 0
+
+    def scoring_observer(self, layer_idx: int, weights: dict[str, torch.Tensor]) -> Observer | None:
+        """What ``member_layers`` needs of the dense layer over the dense calibration stream."""
+        return None
+
+    def member_layers(self, layer_idx: int, weights: dict[str, torch.Tensor], observer: Observer | None) -> list[Decision]:
+        """Layer ``layer_idx`` as each plan of the population cuts it, in population order."""
+        return []
+
+    def choose(self, shapes: ModelShapes, kls: list[float]) -> None:
+        """Take the plan the scores pick (``kls``: each plan's KL per token, population order)."""
 
     # ---- per-layer ---------------------------------------------------------------------
     def observer(self, layer_idx: int, pass_name: str, weights: dict[str, torch.Tensor]) -> Observer | None:

@@ -4,7 +4,8 @@ Layout of a run directory::
 
     lock                  held (flock) by the live run, see runlock.py
     manifest.json         fingerprint of the job (written once, atomically)
-    journal.jsonl         one fsynced JSON line per event: survey layer / survey done, layer committed
+    journal.jsonl         one fsynced JSON line per event: survey layer / survey done, scoring
+                          layer / scores, layer committed
     survey/               each surveyed layer's results until the survey is done (its resume point)
     survey.safetensors    survey-pass results (so a resume never repeats the survey)
     profile.jsonl         one line per layer: timings, memory, bytes
@@ -23,10 +24,12 @@ into the output folder). Both are safe only because the caller holds the run's l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +43,20 @@ from .runlock import LOCK_NAME
 
 class FingerprintMismatch(StreamPruneError):
     pass
+
+
+@contextmanager
+def disk_errors(where: str, run: RunDir):
+    """Turn a full disk into an actionable message; the journal makes the retry clean."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StreamPruneError(
+                f"disk full while writing {where} under {run.root}; free space (or move --work-dir) "
+                "and run the same command again to resume"
+            ) from e
+        raise
 
 
 def digest(obj) -> str:
@@ -213,3 +230,24 @@ class RunDir:
             i, name = key.split(".", 1)
             out[int(i)][name] = t
         return out
+
+    # ---- scoring pass ---------------------------------------------------------------------
+    def save_scored_layer(self, layer: int) -> None:
+        """Commit one layer of the scoring pass (every rank's next boundary is durable)."""
+        self.append({"event": "score_layer", "layer": layer})
+
+    def scored_layers(self, records: list[dict]) -> int:
+        """How many layers of the scoring pass, from layer 0 on, a killed run committed."""
+        done = {r["layer"] for r in records if r.get("event") == "score_layer"}
+        n = 0
+        while n in done:
+            n += 1
+        return n
+
+    def save_scores(self, kls: list[float]) -> None:
+        self.append({"event": "scores", "kl": [float(x) for x in kls]})
+
+    def load_scores(self, records: list[dict]) -> list[float] | None:
+        """The scoring pass's results (JSON floats round-trip exactly), or None before it ended."""
+        done = [r for r in records if r.get("event") == "scores"]
+        return done[-1]["kl"] if done else None

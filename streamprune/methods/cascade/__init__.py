@@ -39,7 +39,7 @@ from .config import ALLOCATIONS, BASES, CASCADE_CONFIG_VERSION, CascadeConfig  #
 from .reconstruct import reconstruct_layer
 from .selection import OBS_DTYPE, obs_ffn_given, obs_flop, obs_greedy_flop, obs_select_ffn, obs_workspace_bytes
 from ...forks import LOGIT_BUDGET
-from .search import fork_count, fork_flop, fork_levels, kl_scaled
+from .search import blend_betas, blended, fork_count, fork_flop, fork_levels, kl_scaled, scoring_flop
 from . import servable
 from .servable import ServableLayer
 
@@ -84,30 +84,90 @@ class Cascade(Method):
         self.needs_decision_stream = self.needs_reconstruction and config.decide_on == "unreconstructed"
         self.needs_forks = config.allocation == "search"
         self.fork_rows = config.search_rows
+        self.needs_scoring = self.needs_forks and config.search_blends > 1
+        self.population_bound = config.search_blends if self.needs_scoring else 0
+        self.plans: list = []  # needs_scoring: the population (per-layer FFN counts, or servable layers), distinct
+        self.orders: list[torch.Tensor] = []  # each layer's greedy OBS order (the survey's)
         self.shapes: ModelShapes | None = None
 
     def plan(self, shapes: ModelShapes, survey=None) -> None:
         self.shapes = shapes
         if self.servable:
-            return self._plan_servable(shapes, survey)
-        self.base.plan(shapes, survey)
-        if self.measured and survey is not None:
-            self._allocate(shapes, [self._curve(s) for s in survey])
+            self._plan_servable(shapes, survey)
+        else:
+            self.base.plan(shapes, survey)
+            if self.measured and survey is not None:
+                self._allocate(shapes, [self._curve(s) for s in survey])
+        if self.needs_scoring and survey is not None:
+            self.orders = [s["ffn_order"] for s in survey]
+            self.plans = []
+            for beta in blend_betas(self.config.search_blends):
+                plan = self._blend_plan(shapes, survey, beta)
+                if plan not in self.plans:
+                    self.plans.append(plan)
 
-    def _curve(self, result: dict) -> torch.Tensor:
-        """A layer's FFN cost curve: the survey's, rescaled to KL units by its forks with ``allocation="search"``."""
+    def _blend_plan(self, shapes: ModelShapes, survey, beta: float) -> list:
+        """The allocation on the blend ``beta`` of the OBS and KL-scaled curves (:func:`.search.blended`)."""
+        curves = [self._curve(s, beta) for s in survey]
+        if self.servable:
+            try:
+                return servable.plan(shapes, self.ratio, self.config.ffn_multiple, curves, [self._attn_cost(s, beta) for s in survey])
+            except ValueError as e:
+                raise RatioError(f"--ratio {self.ratio}: {e}; lower --ratio") from None
+        return allocate(curves, self.base.knobs.n_ffn_pruned * shapes.num_layers, self._alloc_cap(shapes.intermediate_size))
+
+    def _curve(self, result: dict, beta: float = 1.0) -> torch.Tensor:
+        """A layer's FFN cost curve: the survey's, rescaled to KL units by its forks with
+        ``allocation="search"`` (``beta`` < 1: a blend of the two, :func:`.search.blended`)."""
         if not self.needs_forks:
             return result["ffn_curve"]
         ks, kls = result["fork_ffn"].tolist(), result["fork_kl"].tolist()
         ffn = [(k, kl) for k, kl in zip(ks, kls) if k >= 0]
-        return kl_scaled(result["ffn_curve"], [k for k, _ in ffn], [kl for _, kl in ffn])
+        return blended(result["ffn_curve"], kl_scaled(result["ffn_curve"], [k for k, _ in ffn], [kl for _, kl in ffn]), beta)
 
-    def _attn_cost(self, result: dict) -> float:
-        """A layer's price of removing attention: its fork's KL with ``allocation="search"``, else the output size."""
+    def _attn_cost(self, result: dict, beta: float = 1.0) -> float:
+        """A layer's price of removing attention: its fork's KL with ``allocation="search"`` (``beta`` < 1:
+        ``a · (KL / a)^β`` with ``a`` the attention output's size), else the output size."""
         if self.needs_forks:
             attn = [kl for k, kl in zip(result["fork_ffn"].tolist(), result["fork_kl"].tolist()) if k < 0]
-            return attn[0] if attn else float("inf")  # layer 0 keeps its attention: no fork
+            if not attn:
+                return float("inf")  # layer 0 keeps its attention: no fork
+            a = float(result["attn_cost"][0])
+            return attn[0] if beta == 1.0 or a <= 0 else a * (attn[0] / a) ** beta
         return float(result["attn_cost"][0])
+
+    # ---- the scoring pass (search_blends > 1): the population of allocations scored whole --------
+    def population(self) -> int:
+        return len(self.plans)
+
+    def scoring_observer(self, layer_idx, weights):
+        return AllocationObserver(None, weights["mlp.down_proj.weight"].shape[1])  # OBS's Gram alone
+
+    def member_layers(self, layer_idx, weights, observer) -> list[Decision]:
+        """Layer ``layer_idx`` as each allocation cuts it: attention dense (servable: or removed), the FFN
+        without its first ``k`` channels of the survey's greedy OBS order, down_proj refitted."""
+        f = weights["mlp.down_proj.weight"].shape[1]
+        out = []
+        for plan in self.plans:
+            layer = plan[layer_idx] if self.servable else ServableLayer(True, f - plan[layer_idx])
+            k = f - layer.ffn
+            ffn = obs_ffn_given(weights, observer.gram, self.orders[layer_idx][:k], float(self.config.obs_damp)) if k else \
+                {n: weights[n] for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
+            out.append(self._whole_attention_decision(layer_idx, weights, layer, ffn))
+        return out
+
+    def choose(self, shapes: ModelShapes, kls: list[float]) -> None:
+        """Take the allocation of least KL (ties: the earlier, nearer the KL-scaled one)."""
+        if len(kls) != len(self.plans):
+            raise ValueError(f"{len(kls)} scores for a population of {len(self.plans)}")
+        best = self.plans[min(range(len(kls)), key=lambda j: (kls[j], j))]
+        if self.servable:
+            self.layers = list(best)
+            self.specs = [servable.layer_spec(shapes, layer) for layer in self.layers]
+        else:
+            from dataclasses import replace
+
+            self.base.knobs = replace(self.base.knobs, ffn_pruned_per_layer=tuple(best))
 
     def fork_candidates(self, layer_idx: int, weights: dict, observer, result: dict):
         """The search's candidate cuts of layer ``layer_idx`` (dense attention), in ``result["fork_ffn"]``'s
@@ -276,6 +336,8 @@ class Cascade(Method):
         if cfg.allocation in ("obs", "search"):
             obs += len(specs) * obs_greedy_flop(shapes, self._alloc_cap(f))
         obs += self.fork_flop(shapes, seqlen)
+        if self.needs_scoring:
+            obs += scoring_flop(shapes, self.fork_rows * seqlen, nsamples * seqlen, self.config.search_blends)
         if not self.needs_reconstruction:
             return obs
         n_val = min(cfg.recon_val_rows, nsamples // 4)
@@ -305,7 +367,7 @@ class Cascade(Method):
         options = asdict(self.config)
         for key, default in (("attn_scale", 1.0), ("recon_min_gain", 0.0),
                              ("decide_on", "reconstructed"), ("selection", "score"), ("obs_damp", 0.01), ("obs_block", 1),
-                             ("structure", "streamprune"), ("ffn_multiple", 256), ("search_rows", 8), ("search_levels", 3)):
+                             ("structure", "streamprune"), ("ffn_multiple", 256), ("search_rows", 8), ("search_levels", 3), ("search_blends", 1)):
             if options[key] == default:  # added later: runs at their defaults keep their fingerprints
                 del options[key]
         return {"method": self.name, "ratio": self.ratio, "config_version": self.config_version,

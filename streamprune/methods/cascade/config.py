@@ -16,7 +16,10 @@ Components (each one ``--option``, for the ablation):
   one's, measured by forking the survey's dense stream at each layer with a few candidate cuts
   (``search_levels`` FFN cuts; in the servable structure also the attention removed) over
   ``search_rows`` held-apart windows, every fork carried through the dense layers after it
-  (:mod:`streamprune.forks`, :mod:`.search`).
+  (:mod:`streamprune.forks`, :mod:`.search`). ``search_blends`` > 1: then the allocations on
+  ``search_blends`` blends of the two curves (OBS's, β = 0, to the KL-scaled, β = 1) are each
+  scored whole, by the KL of their pruned model's output, in one more streamed pass, and the
+  best is taken (:func:`.search.blended`).
 - ``selection``: ``obs`` (default) or ``score`` (the base's channel score picks each layer's
   FFN channels). ``obs``: Optimal Brain Surgeon (:mod:`streamprune.kernels.obs`) on down_proj with the Gram of
   its input on the pruned stream, weighted per token like the reconstruction loss — channels
@@ -103,6 +106,7 @@ class CascadeConfig:
     # the KL of the model's next-token distribution on search_rows held-apart windows (:mod:`.search`).
     search_rows: int = 8
     search_levels: int = 3
+    search_blends: int = 1  # allocations on blends of the OBS and KL-scaled curves scored whole (1: the KL-scaled one alone)
     attn_scale: float = 1.0  # fraction of Olica's attention cut kept (0: attention dense, the FFNs take it all)
     # Which FFN channels go: "obs" (exact OBS cost + down_proj refit; base olica without LC) or
     # "score" (the base's). Whole WikiText-2 @128 at 50 % (RESULTS "cascade"): 270.88 with obs, 337.81 with score.
@@ -177,6 +181,8 @@ class CascadeConfig:
             raise bad("search_rows", "an int >= 1")
         if not is_int(self.search_levels) or self.search_levels < 1:
             raise bad("search_levels", "an int >= 1")
+        if not is_int(self.search_blends) or self.search_blends < 1:
+            raise bad("search_blends", "an int >= 1")
         if isinstance(self.alloc_max_frac, bool) or not isinstance(self.alloc_max_frac, (int, float)) or not 0 < self.alloc_max_frac < 1:
             raise bad("alloc_max_frac", "in (0, 1)")
 

@@ -19,6 +19,13 @@ later layers wash out becomes cheap, one whose error grows by the head dear. The
 allocations (:func:`.allocation.allocate`, :func:`.servable.allocate`) then hand out the same
 total on these curves; an attention removal is priced at its measured KL.
 
+With ``search_blends = n > 1`` the allocation is not taken on trust: the allocations on the
+blends ``c_l^β(k) = e_l(k) · α_l(k)^β`` for ``β = 0, 1/(n-1), …, 1`` (OBS's own curves to the
+KL-scaled ones) are each scored whole — every layer cut as that allocation says, the KL of
+the model's next-token distribution from the dense one's, in one more streamed pass
+(:class:`streamprune.forks.Population`) — and the best is taken. Single-layer KLs add up
+while the cuts are small; the whole-model score is what decides when they do not.
+
 Pure functions on tensors.
 """
 
@@ -72,3 +79,28 @@ def kl_scaled(curve: Tensor, ks: list[int], kls: list[float]) -> Tensor:
     t = ((x - xs[lo]) / span).clamp(0, 1)
     alpha = ys[lo] + t * (ys[hi] - ys[lo])
     return curve * alpha
+
+
+def blend_betas(n: int) -> list[float]:
+    """``n`` blend exponents from 1 (the KL-scaled curves) down to 0 (OBS's): ``[1.0]`` for ``n = 1``."""
+    return [1.0] if n == 1 else [1 - j / (n - 1) for j in range(n)]
+
+
+def blended(curve: Tensor, scaled: Tensor, beta: float) -> Tensor:
+    """``curve · α^β`` with ``α = scaled / curve`` (1 where the curve is 0): β = 0 gives ``curve``,
+    β = 1 gives ``scaled``, in float64."""
+    curve, scaled = curve.double(), scaled.double()
+    if beta == 1.0:
+        return scaled
+    alpha = torch.where(curve > 0, scaled / curve.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(curve))
+    return curve * alpha ** beta
+
+
+def scoring_flop(shapes: ModelShapes, tokens: int, calibration_tokens: int, members: int) -> float:
+    """The scoring pass's arithmetic: the dense model over the calibration tokens (for each layer's
+    Gram), each member's pruned model (at most dense) and head over ``tokens`` search tokens, and
+    each member layer's down_proj solve (one ``f × f`` Cholesky at most)."""
+    layer, L = shapes.dense_spec().num_params(), shapes.num_layers
+    f, d = shapes.intermediate_size, shapes.hidden_size
+    return float(2 * calibration_tokens * layer * L + members * 2 * tokens * (layer * L + shapes.vocab_size * d)
+                 + members * L * (f ** 3 / 3 + 2 * d * f * f))
