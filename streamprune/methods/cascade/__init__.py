@@ -24,7 +24,7 @@ one batch's activations.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -141,19 +141,33 @@ class Cascade(Method):
         return len(self.plans)
 
     def scoring_observer(self, layer_idx, weights):
-        return AllocationObserver(None, weights["mlp.down_proj.weight"].shape[1])  # OBS's Gram alone
+        """OBS's Gram, and (streamprune structure) the base's pass-A statistics for its attention cut."""
+        base = None if self.servable else self.base.observer(layer_idx, "A", weights)
+        return AllocationObserver(base, weights["mlp.down_proj.weight"].shape[1])
 
     def member_layers(self, layer_idx, weights, observer) -> list[Decision]:
-        """Layer ``layer_idx`` as each allocation cuts it: attention dense (servable: or removed), the FFN
-        without its first ``k`` channels of the survey's greedy OBS order, down_proj refitted."""
+        """Layer ``layer_idx`` as each allocation cuts it, the structure the output will have short of
+        reconstruction: the FFN without its first ``k`` channels of the survey's greedy OBS order
+        (down_proj refitted), with the base's attention cut decided on the dense calibration stream
+        (servable: the attention kept whole or removed). Scored without the attention cut, the
+        allocations rank unlike their outputs at large cuts (RESULTS, "Choosing the structure by the output")."""
         f = weights["mlp.down_proj.weight"].shape[1]
+        attention = None
+        if not self.servable:
+            base = self.base.decide(layer_idx, weights, observer.base)
+            attention = (base.spec, {k: v for k, v in base.tensors.items() if not k.startswith("mlp.")})
         out = []
         for plan in self.plans:
             layer = plan[layer_idx] if self.servable else ServableLayer(True, f - plan[layer_idx])
             k = f - layer.ffn
             ffn = obs_ffn_given(weights, observer.gram, self.orders[layer_idx][:k], float(self.config.obs_damp)) if k else \
                 {n: weights[n] for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
-            out.append(self._whole_attention_decision(layer_idx, weights, layer, ffn))
+            if attention is None:
+                out.append(self._whole_attention_decision(layer_idx, weights, layer, ffn))
+            else:
+                spec, tensors = attention
+                dtype = next(iter(tensors.values())).dtype
+                out.append(Decision(replace(spec, intermediate_size=layer.ffn), {**tensors, **{n: v.to(dtype) for n, v in ffn.items()}}, {}))
         return out
 
     def choose(self, shapes: ModelShapes, kls: list[float]) -> None:
@@ -165,8 +179,6 @@ class Cascade(Method):
             self.layers = list(best)
             self.specs = [servable.layer_spec(shapes, layer) for layer in self.layers]
         else:
-            from dataclasses import replace
-
             self.base.knobs = replace(self.base.knobs, ffn_pruned_per_layer=tuple(best))
 
     def fork_candidates(self, layer_idx: int, weights: dict, observer, result: dict):
@@ -190,8 +202,6 @@ class Cascade(Method):
 
     def _allocate(self, shapes: ModelShapes, curves) -> None:
         """Replace the base's uniform FFN count by per-layer counts with the same total."""
-        from dataclasses import replace
-
         knobs = self.base.knobs
         counts = allocate(curves, knobs.n_ffn_pruned * shapes.num_layers, self._alloc_cap(shapes.intermediate_size))
         self.base.knobs = replace(knobs, ffn_pruned_per_layer=tuple(counts))
