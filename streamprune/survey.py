@@ -28,6 +28,20 @@ def search_windows(tokenizer, source, cfg, rows: int) -> torch.Tensor:
     return calibration_windows(tokenizer, source, cfg.nsamples + rows, cfg.seqlen, cfg.seed)[cfg.nsamples:]
 
 
+def commit_layer(i: int, ranks: Ranks, commit, point: str, *streams) -> None:
+    """Journal layer ``i`` of a pass (``commit(i)`` on rank 0) once every rank's boundary ``i + 1``
+    is durable (crash point ``point:i`` after it), then drop boundary ``i`` of every stream
+    (activation caches, fork sets)."""
+    ranks.barrier()
+    if commit is not None:
+        ranks.on_main(lambda: commit(i))
+    crash_point(f"{point}:{i}")
+    ranks.barrier()  # committed before any rank drops its boundary i
+    for stream in streams:
+        if stream is not None:
+            stream.drop(i)
+
+
 @torch.no_grad()
 def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop,
                forks: ForkSet | None = None, head=None, done: list[dict] | None = None, commit=None) -> list[dict]:
@@ -60,14 +74,7 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
                               for d in method.fork_candidates(i, weights, obs, results[-1]))
                 forks.step(i, layer, candidates, pe, device)
                 crash_point(f"fork:{i}")
-            ranks.barrier()  # every rank's boundary i + 1 is durable before layer i is committed
-            if commit is not None:
-                ranks.on_main(lambda: commit(i, results[i]))
-            crash_point(f"surveyed:{i}")
-            ranks.barrier()  # committed before any rank drops its boundary i
-            cache.drop(i)
-            if forks is not None:
-                forks.drop(i)
+            commit_layer(i, ranks, commit and (lambda j: commit(j, results[j])), "surveyed", cache, forks)
     if forks is not None:
         for layer, kl in forks.kl_per_token(adapter.num_layers, *head, device, ranks).items():
             results[layer]["fork_kl"] = kl
@@ -96,12 +103,7 @@ def run_scoring(method, adapter, cache: ActivationCache, pe, device, dtype, prog
             members = [adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype) for d in method.member_layers(i, weights, obs)]
             population.step(i, layer, members, pe, device)
             crash_point(f"scoring:{i}")
-            ranks.barrier()  # every rank's boundary i + 1 is durable before layer i is committed
-            if commit is not None:
-                ranks.on_main(lambda: commit(i))
-            ranks.barrier()
-            cache.drop(i)
-            population.drop(i)
+            commit_layer(i, ranks, commit, "scored", cache, population)
     return population.kl_per_member(adapter.num_layers, *head, device, ranks)
 
 

@@ -244,13 +244,15 @@ def test_head_slicing_keeps_whole_projection_norms_consistent():
 
 
 @torch.no_grad()
-def test_post_norm_taps_read_outputs_after_the_norms(sources):
-    """OLMo 2: the ``o_proj`` and ``mlp`` taps give (sub-block input, its post-norm output)."""
+def recorded_taps(source, layer_idx: int):
+    """Layer ``layer_idx`` of ``source`` (fp32) on a random (2, 7, 64) input, with what its ``o_proj``,
+    ``mlp`` and ``layer`` taps saw: (input, its inner module, {tap: (tap input, tap output)}),
+    the ``o_proj`` tap already checked to be the output after the post-attention norm."""
     from streamprune.observers import observing
     from streamprune.stream import position_embeddings
 
-    adapter = open_model(sources["olmo2"])
-    layer = adapter.build_layer(0, adapter.read_layer(0), "cpu", torch.float32)
+    adapter = open_model(source)
+    layer = adapter.build_layer(layer_idx, adapter.read_layer(layer_idx), "cpu", torch.float32)
     seen: dict[str, tuple] = {}
 
     class Record:
@@ -265,7 +267,13 @@ def test_post_norm_taps_read_outputs_after_the_norms(sources):
     inner = layer.inner
     o_in, o_out = seen["o_proj"]
     torch.testing.assert_close(o_out, inner.post_attention_layernorm(inner.self_attn.o_proj(o_in)), rtol=0, atol=0)
-    h = x.reshape(-1, 64) + o_out  # the MLP's input: the residual after the attention
+    return x, inner, seen
+
+
+def test_post_norm_taps_read_outputs_after_the_norms(sources):
+    """OLMo 2: the ``o_proj`` and ``mlp`` taps give (sub-block input, its post-norm output)."""
+    x, inner, seen = recorded_taps(sources["olmo2"], 0)
+    h = x.reshape(-1, 64) + seen["o_proj"][1]  # the MLP's input: the residual after the attention
     m_in, m_out = seen["mlp"]
     torch.testing.assert_close(m_in, h, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m_out, inner.post_feedforward_layernorm(inner.mlp(m_in)), rtol=0, atol=0)

@@ -94,29 +94,12 @@ def test_streamed_eval_of_the_source_equals_transformers(source):
     assert abs(streamed["ppl"] / ref["ppl"] - 1) < 1e-5
 
 
-@torch.no_grad()
 def test_taps_read_outputs_after_the_post_norms(source):
     """``o_proj`` and ``mlp`` give (sub-block input, its post-norm output); the MLP's input is after its pre-norm."""
-    from streamprune.observers import observing
-    from streamprune.stream import position_embeddings
+    from test_architectures import recorded_taps
 
-    adapter = open_model(source)
-    layer = adapter.build_layer(2, adapter.read_layer(2), "cpu", torch.float32)
-    seen: dict[str, tuple] = {}
-
-    class Record:
-        taps, summed = frozenset({"o_proj", "mlp", "layer"}), ()
-
-        def update(self, tap, x_in, y_out):
-            seen[tap] = (x_in, y_out)
-
-    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
-    with observing(layer, Record()):
-        layer(x, position_embeddings(adapter.rotary("cpu"), 7, "cpu", torch.float32))
-    inner = layer.inner
-    o_in, o_out = seen["o_proj"]
-    torch.testing.assert_close(o_out, inner.post_attention_layernorm(inner.self_attn.o_proj(o_in)), rtol=0, atol=0)
-    h = x.reshape(-1, 64) + o_out  # the residual after the attention
+    x, inner, seen = recorded_taps(source, 2)
+    h = x.reshape(-1, 64) + seen["o_proj"][1]  # the residual after the attention
     m_in, m_out = seen["mlp"]
     torch.testing.assert_close(m_in, inner.pre_feedforward_layernorm(h), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m_out, inner.post_feedforward_layernorm(inner.mlp(m_in)), rtol=0, atol=0)

@@ -92,31 +92,49 @@ def _recorded_candidates(monkeypatch) -> list:
     return seen
 
 
+class InMemory:
+    """The model of ``folder`` in float64, in memory, over ``tokens`` (the whole batch at once):
+    its dense layers, each layer's input, and the dense next-token distribution."""
+
+    @torch.no_grad()
+    def __init__(self, folder, tokens):
+        self.adapter = adapter = open_model(folder)
+        dt = self.dtype = torch.float64
+        outer = adapter.read_outer()
+        self.embed = outer["model.embed_tokens.weight"].to(dt)
+        self.head = outer["lm_head.weight"].to(dt) if "lm_head.weight" in outer else self.embed
+        self.norm = adapter.final_norm("cpu", dt)
+        self.norm.weight.copy_(outer["model.norm.weight"])
+        self.pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", dt)
+        self.layers = [adapter.build_layer(i, adapter.read_layer(i), "cpu", dt) for i in range(adapter.num_layers)]
+        self.inputs, h = [], self.embed[tokens]
+        for layer in self.layers:
+            self.inputs.append(h)
+            h = layer(h, self.pe)
+        self.p = self.softmax(h)
+
+    def softmax(self, h):
+        return (self.norm(h) @ self.head.T).softmax(-1)
+
+    def pruned(self, i, spec, tensors):
+        return self.adapter.build_pruned_layer(i, spec, tensors, "cpu", self.dtype)
+
+    def kl(self, h) -> float:
+        """KL per token of the dense distribution from the one ``h`` (last hidden states) gives."""
+        p, q = self.p, self.softmax(h)
+        return float((p * (p.log() - q.log())).sum() / p[..., 0].numel())
+
+
 @torch.no_grad()
 def _reference_kls(folder, candidates, tokens) -> dict[int, list[float]]:
-    """In memory, float64: the dense model and, per candidate, the model with that one layer
-    replaced, over the whole batch at once; KL per token written out from the softmaxes."""
-    adapter = open_model(folder)
-    dt = torch.float64
-    outer = adapter.read_outer()
-    embed = outer["model.embed_tokens.weight"].to(dt)
-    head = outer["lm_head.weight"].to(dt) if "lm_head.weight" in outer else embed
-    norm = adapter.final_norm("cpu", dt)
-    norm.weight.copy_(outer["model.norm.weight"])
-    pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", dt)
-    layers = [adapter.build_layer(i, adapter.read_layer(i), "cpu", dt) for i in range(adapter.num_layers)]
-    inputs, h = [], embed[tokens]
-    for layer in layers:
-        inputs.append(h)
-        h = layer(h, pe)
-    p = (norm(h) @ head.T).softmax(-1)
+    """Per candidate, the KL of the model with that one layer replaced (:class:`InMemory`)."""
+    model = InMemory(folder, tokens)
     out: dict[int, list[float]] = {}
     for i, spec, tensors in candidates:
-        x = adapter.build_pruned_layer(i, spec, tensors, "cpu", dt)(inputs[i], pe)
-        for layer in layers[i + 1:]:
-            x = layer(x, pe)
-        q = (norm(x) @ head.T).softmax(-1)
-        out.setdefault(i, []).append(float((p * (p.log() - q.log())).sum() / p[..., 0].numel()))
+        x = model.pruned(i, spec, tensors)(model.inputs[i], model.pe)
+        for layer in model.layers[i + 1:]:
+            x = layer(x, model.pe)
+        out.setdefault(i, []).append(model.kl(x))
     return out
 
 
@@ -251,28 +269,14 @@ def _recorded_members(monkeypatch) -> list:
 
 @torch.no_grad()
 def _reference_member_kls(folder, members, tokens) -> list[float]:
-    """In memory, float64: the dense model and each member's whole pruned model (its recorded
-    layers, all of them), over the whole batch at once; KL per token from the softmaxes."""
-    adapter = open_model(folder)
-    dt = torch.float64
-    outer = adapter.read_outer()
-    embed = outer["model.embed_tokens.weight"].to(dt)
-    head = outer["lm_head.weight"].to(dt) if "lm_head.weight" in outer else embed
-    norm = adapter.final_norm("cpu", dt)
-    norm.weight.copy_(outer["model.norm.weight"])
-    pe = position_embeddings(adapter.rotary("cpu"), tokens.shape[1], "cpu", dt)
-    h = embed[tokens]
-    for i in range(adapter.num_layers):
-        h = adapter.build_layer(i, adapter.read_layer(i), "cpu", dt)(h, pe)
-    p = (norm(h) @ head.T).softmax(-1)
+    """Each member's KL: its whole pruned model, every layer its recorded one (:class:`InMemory`)."""
+    model = InMemory(folder, tokens)
     out = []
     for m in range(len(members[0][1])):
-        x = embed[tokens]
+        x = model.embed[tokens]
         for i, layers in members:
-            spec, tensors = layers[m]
-            x = adapter.build_pruned_layer(i, spec, tensors, "cpu", dt)(x, pe)
-        q = (norm(x) @ head.T).softmax(-1)
-        out.append(float((p * (p.log() - q.log())).sum() / p[..., 0].numel()))
+            x = model.pruned(i, *layers[m])(x, model.pe)
+        out.append(model.kl(x))
     return out
 
 

@@ -4,7 +4,8 @@
 no flush: exactly what an OOM kill does). ``STREAMPRUNE_STALL_AT=point:SECONDS``: it
 sleeps there (a run that is alive and holds its lock, for the concurrency tests).
 Points: ``fork:L`` (the survey's layer L forked, not journaled), ``surveyed:L`` (journaled,
-its input boundary still on disk), ``observe:L`` (layer L's statistics pass), ``written:L`` (layer L's tensors are
+its input boundary still on disk), ``scoring:L`` / ``scored:L`` (the same in cascade's scoring
+pass), ``observe:L`` (layer L's statistics pass), ``written:L`` (layer L's tensors are
 on disk but not journaled), ``committed:L``, ``finalize`` (output staged, not published).
 Under torchrun ``STREAMPRUNE_CRASH_RANK=r`` limits the crash to rank ``r``.
 """
