@@ -70,7 +70,7 @@ def worst_relative_difference(a: Path, b: Path) -> float:
 
 
 def journal_info(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "journal.jsonl").read_text().splitlines() if '"layer"' in line]
+    return [r for r in map(json.loads, (work / "journal.jsonl").read_text().splitlines()) if r.get("event") == "layer"]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def inspect_run(work_dir: str | Path, out=sys.stderr) -> dict:
     print(f"method    {fp['method']}", file=out)
     print(f"calib     {fp['calibration']}", file=out)
     print(f"state     {'running (pid ' + str(live.get('pid')) + ' on ' + str(live.get('host')) + ', started ' + str(live.get('started')) + ')' if live is not None else 'not running'}", file=out)
-    print(f"layers    {len(layers)} / {total} committed; survey {'done' if any(r.get('event') == 'survey' for r in records) else 'not done'}", file=out)
+    print(f"layers    {len(layers)} / {total} committed; survey {'done' if any(r.get('event') == 'survey' for r in records) else str(len(run.surveyed_layers(records))) + ' layers surveyed'}", file=out)
     if profile:
         print("layer " + " ".join(f"{c:>10}" for c in COLUMNS) + f" {'rss_GiB':>8} {'gpu_GiB':>8}", file=out)
         for rec in profile:
