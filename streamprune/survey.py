@@ -42,6 +42,23 @@ def commit_layer(i: int, ranks: Ranks, commit, point: str, *streams) -> None:
             stream.drop(i)
 
 
+def dense_layers(adapter, cache: ActivationCache, start: int, observer, pe, device, dtype, ranks: Ranks, stop,
+                 progress: bool, desc: str, what: str):
+    """The dense layers from ``start`` on, each read once (one layer ahead) and run over the dense
+    calibration stream ``cache`` feeding ``observer(i, weights)`` (summed over the ranks): yields
+    ``(i, weights, layer, observer)``. ``stop`` is checked before every layer, so a stop ends the
+    process there and the resumed run continues at that layer."""
+    with read_ahead(adapter, start, device, dtype) as ahead:
+        for i in tqdm(range(start, adapter.num_layers), desc=desc, initial=start, total=adapter.num_layers, disable=not progress):
+            stop.check(f"during {what}, before its layer {i} (a resume continues it there)")
+            weights = to_device(next(ahead), device, dtype)
+            layer = adapter.build_layer(i, weights, device, dtype)
+            obs = observer(i, weights)
+            propagate(layer, cache, i, pe, device, observer=obs)
+            ranks.reduce_observer(obs)
+            yield i, weights, layer, obs
+
+
 @torch.no_grad()
 def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progress: bool, ranks: Ranks, stop,
                forks: ForkSet | None = None, head=None, done: list[dict] | None = None, commit=None) -> list[dict]:
@@ -59,22 +76,15 @@ def run_survey(method, adapter, cache: ActivationCache, pe, device, dtype, progr
     dense model, per token over all ranks: ``results[l]["fork_kl"]`` (:mod:`streamprune.forks`)."""
     results = list(done or [])
     start = len(results)
-    with read_ahead(adapter, start, device, dtype) as ahead:
-        for i in tqdm(range(start, adapter.num_layers), desc="survey", initial=start, total=adapter.num_layers,
-                      disable=not progress):
-            stop.check(f"during the survey, before its layer {i} (a resume continues the survey there)")
-            weights = to_device(next(ahead), device, dtype)
-            layer = adapter.build_layer(i, weights, device, dtype)
-            obs = method.survey_observer(i, weights)
-            propagate(layer, cache, i, pe, device, observer=obs)
-            ranks.reduce_observer(obs)
-            results.append(method.survey_result(i, obs))
-            if forks is not None:
-                candidates = (adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype)
-                              for d in method.fork_candidates(i, weights, obs, results[-1]))
-                forks.step(i, layer, candidates, pe, device)
-                crash_point(f"fork:{i}")
-            commit_layer(i, ranks, commit and (lambda j: commit(j, results[j])), "surveyed", cache, forks)
+    for i, weights, layer, obs in dense_layers(adapter, cache, start, method.survey_observer, pe, device, dtype,
+                                               ranks, stop, progress, "survey", "the survey"):
+        results.append(method.survey_result(i, obs))
+        if forks is not None:
+            candidates = (adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype)
+                          for d in method.fork_candidates(i, weights, obs, results[-1]))
+            forks.step(i, layer, candidates, pe, device)
+            crash_point(f"fork:{i}")
+        commit_layer(i, ranks, commit and (lambda j: commit(j, results[j])), "surveyed", cache, forks)
     if forks is not None:
         for layer, kl in forks.kl_per_token(adapter.num_layers, *head, device, ranks).items():
             results[layer]["fork_kl"] = kl
@@ -91,19 +101,12 @@ def run_scoring(method, adapter, cache: ActivationCache, pe, device, dtype, prog
     each dense layer (``scoring_observer``: OBS's Gram). Resumable like the survey: ``start`` is
     the first layer a killed pass did not commit (``cache`` and every member hold its input
     boundary); ``commit(i)`` journals layer ``i`` once every rank's boundary ``i + 1`` is durable."""
-    with read_ahead(adapter, start, device, dtype) as ahead:
-        for i in tqdm(range(start, adapter.num_layers), desc="scoring", initial=start, total=adapter.num_layers,
-                      disable=not progress):
-            stop.check(f"during the scoring pass, before its layer {i} (a resume continues it there)")
-            weights = to_device(next(ahead), device, dtype)
-            layer = adapter.build_layer(i, weights, device, dtype)
-            obs = method.scoring_observer(i, weights)
-            propagate(layer, cache, i, pe, device, observer=obs)
-            ranks.reduce_observer(obs)
-            members = [adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype) for d in method.member_layers(i, weights, obs)]
-            population.step(i, layer, members, pe, device)
-            crash_point(f"scoring:{i}")
-            commit_layer(i, ranks, commit, "scored", cache, population)
+    for i, weights, layer, obs in dense_layers(adapter, cache, start, method.scoring_observer, pe, device, dtype,
+                                               ranks, stop, progress, "scoring", "the scoring pass"):
+        members = [adapter.build_pruned_layer(i, d.spec, d.tensors, device, dtype) for d in method.member_layers(i, weights, obs)]
+        population.step(i, layer, members, pe, device)
+        crash_point(f"scoring:{i}")
+        commit_layer(i, ranks, commit, "scored", cache, population)
     return population.kl_per_member(adapter.num_layers, *head, device, ranks)
 
 

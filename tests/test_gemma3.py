@@ -53,15 +53,9 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pruned(source, tmp_path_factory) -> dict:
     """method -> (output folder, report) of a 0.3 prune, made on first use."""
-    root, done = tmp_path_factory.mktemp("gemma3_pruned"), {}
+    from tiny import pruned_on_first_use
 
-    def get(method: str):
-        if method not in done:
-            out = root / method
-            done[method] = out, prune(PruneConfig(source=source, out=out, method=method, ratio=0.3, **CALIB))
-        return done[method]
-
-    return get
+    return pruned_on_first_use(source, tmp_path_factory.mktemp("gemma3_pruned"), 0.3, **CALIB)
 
 
 def test_ratio_zero_reproduces_source_logits_with_cache(source, tmp_path):

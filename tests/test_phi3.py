@@ -57,15 +57,9 @@ def sources(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def pruned(sources, tmp_path_factory) -> dict:
     """method -> (output folder, report) of a 0.3 prune of the plain source, made on first use."""
-    root, done = tmp_path_factory.mktemp("phi3_pruned"), {}
+    from tiny import pruned_on_first_use
 
-    def get(method: str):
-        if method not in done:
-            out = root / method
-            done[method] = out, prune(PruneConfig(source=sources["plain"], out=out, method=method, ratio=0.3, **CALIB))
-        return done[method]
-
-    return get
+    return pruned_on_first_use(sources["plain"], tmp_path_factory.mktemp("phi3_pruned"), 0.3, **CALIB)
 
 
 def test_read_layer_splits_the_fused_projections(sources):

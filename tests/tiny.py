@@ -87,3 +87,19 @@ def real_shapes():
         "llama-2-70b": ModelShapes(num_layers=80, hidden_size=8192, intermediate_size=28672, num_heads=64, num_kv_heads=8,
                                    head_dim=128, vocab_size=32000, tie_word_embeddings=False),
     }
+
+
+def pruned_on_first_use(source: Path, root: Path, ratio: float, **calib):
+    """``get(method)`` -> (output folder, report) of a ``ratio`` prune of ``source`` under ``root``,
+    made the first time it is asked for (a module fixture's cache)."""
+    from streamprune import PruneConfig, prune
+
+    done: dict = {}
+
+    def get(method: str):
+        if method not in done:
+            out = root / method
+            done[method] = out, prune(PruneConfig(source=source, out=out, method=method, ratio=ratio, **calib))
+        return done[method]
+
+    return get
